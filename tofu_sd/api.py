@@ -1,0 +1,166 @@
+"""Public entry points: apply Token Fusion to a Stable Diffusion U-Net, inspect it, remove it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import torch
+
+from . import hooks
+from .blocks import select_sites, transformer_block_sites, unwrap_unet
+from .config import TokenFusionConfig
+from .merge import MODES
+
+T = TypeVar("T")
+
+_ATTR = "_tofu_sd"
+
+
+@dataclass(frozen=True)
+class PatchedBlock:
+    """A block Token Fusion patched: its module name, its schedule letter and its resolution factor."""
+
+    name: str
+    letter: str  #: ``P`` (pruned), ``A`` (average) or ``M`` (MLERP)
+    downsample: int
+
+    @property
+    def mode(self) -> str:
+        return MODES[self.letter]
+
+
+@dataclass(frozen=True)
+class TokenFusionState:
+    """What :func:`apply_token_fusion` installed on a U-Net (stored on it as ``unet._tofu_sd``)."""
+
+    config: TokenFusionConfig
+    blocks: tuple[PatchedBlock, ...]
+
+    @property
+    def schedule(self) -> str:
+        return "".join(block.letter for block in self.blocks)
+
+
+def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> TokenFusionState:
+    """Hook Token Fusion into ``unet`` (a UNet2DConditionModel) as ``config`` says, replacing an earlier patch.
+
+    Everything is validated before the model is touched; if hooking fails half way, what was hooked is removed.
+    """
+    sites = select_sites(transformer_block_sites(unet), config.max_downsample)
+    if not sites:
+        raise ValueError(
+            f"{type(unet).__name__} has no BasicTransformerBlock in its down, mid or up blocks, so there is "
+            "nothing to apply Token Fusion to."
+        )
+    schedule = config.resolve_schedule([s.name for s in sites], [s.on_down_path for s in sites])
+    config = replace(config, seed=0 if config.seed is None else config.seed)
+    state = TokenFusionState(
+        config, tuple(PatchedBlock(s.name, letter, s.downsample) for s, letter in zip(sites, schedule))
+    )
+
+    remove_token_fusion(unet)
+    if config.ratio == 0:
+        # Nothing is reduced: leave the model exactly as it is, but remember what was asked.
+        setattr(unet, _ATTR, state)
+        return state
+    try:
+        call = hooks.CallState()
+        hooks.register(unet, hooks.TimestepHook(call), hooks.TIMESTEP_HOOK)
+        grids: dict[int, hooks.GridState] = {}
+        for index, (site, letter) in enumerate(zip(sites, schedule)):
+            if id(site.transformer) not in grids:
+                grids[id(site.transformer)] = hooks.GridState()
+                hooks.register(site.transformer, hooks.FeatureMapHook(grids[id(site.transformer)]), hooks.FEATURE_MAP_HOOK)
+            block_state = hooks.BlockState()
+            matching = hooks.MatchingHook(
+                call, grids[id(site.transformer)], block_state, index, config.ratio,
+                config.sx, config.sy, config.use_rand, config.seed,
+            )  # fmt: skip
+            hooks.register(site.block, matching, hooks.MATCHING_HOOK)
+            hooks.register(site.block.attn1, hooks.SelfAttentionHook(block_state, letter), hooks.SELF_ATTENTION_HOOK)
+    except BaseException:
+        hooks.unregister_all(unet)
+        raise
+    setattr(unet, _ATTR, state)
+    return state
+
+
+def remove_token_fusion(unet: torch.nn.Module) -> bool:
+    """Remove Token Fusion from ``unet``; True if it was applied."""
+    had_state = unet.__dict__.pop(_ATTR, None) is not None
+    return hooks.unregister_all(unet) or had_state
+
+
+def apply(
+    pipe_or_unet: T,
+    ratio: float = 0.5,
+    *,
+    schedule: str | None = None,
+    max_downsample: int = 1,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    seed: int | None = None,
+) -> T:
+    """Apply Token Fusion to a Stable Diffusion pipeline or U-Net, in place, and return it.
+
+    Before self-attention in the U-Net's highest-resolution transformer blocks, ``int(N * ratio)`` of the N
+    tokens are reduced into their most similar destination token (bipartite soft matching on the block's
+    input); after self-attention every token is restored, so cross-attention, the feed-forward and the ResNets
+    see the full set. Calling ``apply`` again replaces the earlier patch; :func:`remove` undoes it exactly.
+
+    Args:
+        pipe_or_unet: a diffusers pipeline with a ``unet`` (StableDiffusionPipeline, StableDiffusionXLPipeline,
+            ...) or a ``UNet2DConditionModel``, possibly wrapped by ``torch.compile``.
+        ratio: fraction of tokens removed per patched block, in ``[0, 1 - 1/(sx*sy)]``. ``0`` changes nothing.
+        schedule: one letter per patched block in forward order, ``P`` pruned merging, ``A`` average merging,
+            ``M`` MLERP merging; a single letter sets all. ``None``: ``P`` on the down path, ``M`` afterwards.
+        max_downsample: also patch blocks up to this many times lower resolution (1, 2, 4 or 8) than the
+            U-Net's highest transformer resolution.
+        sx, sy: width and height of the cells that each hold one destination token.
+        use_rand: random destination position in each cell (seeded per block and timestep) instead of top-left.
+        seed: seed of those positions; ``None`` means 0.
+
+    Raises:
+        ValueError: if an option is out of range or the object has no supported U-Net; the model is untouched.
+
+    Example:
+        ```python
+        pipe = StableDiffusionPipeline.from_pretrained(...).to("cuda")
+        tofu_sd.apply(pipe, ratio=0.5)
+        image = pipe("A high-quality photograph of a goldfish.").images[0]
+        tofu_sd.remove(pipe)
+        ```
+    """
+    config = TokenFusionConfig(
+        ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed
+    )
+    apply_token_fusion(unwrap_unet(pipe_or_unet), config)
+    _reset_compiled(pipe_or_unet)
+    return pipe_or_unet
+
+
+def remove(pipe_or_unet: T) -> T:
+    """Remove Token Fusion from a pipeline or U-Net (a no-op if it was not applied) and return it."""
+    if remove_token_fusion(unwrap_unet(pipe_or_unet)):
+        _reset_compiled(pipe_or_unet)
+    return pipe_or_unet
+
+
+def patched_blocks(pipe_or_unet: object) -> list[PatchedBlock]:
+    """The blocks Token Fusion is applied to, in forward order, with their schedule letters (empty if none)."""
+    state = getattr(unwrap_unet(pipe_or_unet), _ATTR, None)
+    return list(state.blocks) if state is not None else []
+
+
+def get_state(pipe_or_unet: object) -> TokenFusionState | None:
+    """The configuration and blocks of the Token Fusion applied to a pipeline or U-Net, or None."""
+    return getattr(unwrap_unet(pipe_or_unet), _ATTR, None)
+
+
+def _reset_compiled(pipe_or_unet: object) -> None:
+    """A compiled U-Net has traced the old hooks: drop its graphs so the next call traces the new ones."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if hasattr(unet, "_orig_mod"):
+        torch._dynamo.reset()

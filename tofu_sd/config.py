@@ -1,0 +1,89 @@
+"""Configuration of Token Fusion and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .merge import MODES
+
+
+@dataclass(frozen=True)
+class TokenFusionConfig:
+    r"""Configuration of Token Fusion on a Stable Diffusion U-Net.
+
+    Args:
+        ratio (`float`, defaults to `0.5`):
+            Fraction of the tokens removed before self-attention in each patched block: ``r = int(N * ratio)``.
+            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing.
+        schedule (`str`, *optional*):
+            How each patched block reduces, one letter per block in forward order: ``P`` pruned merging (drop the
+            matched sources), ``A`` average merging, ``M`` MLERP merging (mean direction, largest norm). A single
+            letter applies to every block. ``None`` uses the paper's hybrid: ``P`` on the down path, ``M`` after.
+        max_downsample (`int`, defaults to `1`):
+            Patch the transformer blocks whose resolution is at most this many times lower than the U-Net's
+            highest transformer resolution: 1, 2, 4 or 8. ``1`` patches only the highest resolution.
+        sx (`int`, defaults to `2`):
+            Width, in tokens, of the cells that each hold one destination token.
+        sy (`int`, defaults to `2`):
+            Height, in tokens, of the cells that each hold one destination token.
+        use_rand (`bool`, defaults to `True`):
+            Place each cell's destination at a random position (seeded, per block and timestep) rather than at
+            the cell's top-left token.
+        seed (`int`, *optional*):
+            Seed of the destination positions when ``use_rand`` is set. ``None`` means ``0``: runs are
+            reproducible unless a seed is chosen.
+    """
+
+    ratio: float = 0.5
+    schedule: str | None = None
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sx", "sy", "max_downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}.")
+        if self.sx < 1 or self.sy < 1:
+            raise ValueError(f"sx and sy must be >= 1, got sx={self.sx}, sy={self.sy}.")
+        if self.max_downsample < 1 or self.max_downsample & (self.max_downsample - 1):
+            raise ValueError(f"max_downsample must be a power of two (1, 2, 4 or 8), got {self.max_downsample}.")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}.")
+        limit = 1 - 1 / (self.sx * self.sy)
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}; 0.5 is the usual choice.")
+        if self.ratio > limit + 1e-9:
+            raise ValueError(
+                f"ratio={self.ratio} removes more tokens than {self.sx}x{self.sy} cells allow (at most "
+                f"1 - 1/(sx*sy) = {limit:.4g}, one destination per cell); lower ratio or enlarge sx/sy."
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+        if self.schedule is not None:
+            if not isinstance(self.schedule, str) or not self.schedule:
+                raise ValueError(f"schedule must be a non-empty string of P/A/M letters or None, got {self.schedule!r}.")
+            bad = sorted(set(self.schedule.upper()) - set(MODES))
+            if bad:
+                raise ValueError(
+                    f"schedule {self.schedule!r} has unknown letter(s) {', '.join(bad)}; use P (pruned), "
+                    "A (average) or M (MLERP), one per patched block or a single letter for all."
+                )
+
+    def resolve_schedule(self, block_names: list[str], on_down_path: list[bool]) -> str:
+        """The schedule as one upper-case letter per patched block; raises if its length does not fit."""
+        if self.schedule is None:
+            return "".join("P" if down else "M" for down in on_down_path)
+        schedule = self.schedule.upper()
+        if len(schedule) == 1:
+            return schedule * len(block_names)
+        if len(schedule) != len(block_names):
+            listing = "\n".join(f"  {i}: {name}" for i, name in enumerate(block_names))
+            raise ValueError(
+                f"schedule {self.schedule!r} has {len(schedule)} letters but {len(block_names)} blocks are patched; "
+                f"give one letter per block (or a single letter for all). Patched blocks, in order:\n{listing}"
+            )
+        return schedule
