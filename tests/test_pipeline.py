@@ -1,0 +1,38 @@
+"""A whole StableDiffusionPipeline of tiny real components runs with Token Fusion applied."""
+
+import numpy as np
+import torch
+
+import tofu_sd
+
+
+def generate(pipe, **kw):
+    return pipe(
+        "A high-quality photograph of a goldfish.", num_inference_steps=2, height=32, width=32,
+        generator=torch.Generator().manual_seed(0), output_type="np", **kw,
+    ).images
+
+
+def test_pipeline_two_steps_with_tofu(tiny_pipe_factory):
+    pipe = tiny_pipe_factory()
+    full = generate(pipe)
+    seen = []
+    handle = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.register_forward_pre_hook(
+        lambda _, args: seen.append(tuple(args[0].shape))
+    )
+    assert tofu_sd.apply(pipe, ratio=0.5) is pipe
+    images = generate(pipe)
+    handle.remove()
+    # Classifier-free guidance: one batch of 2 per step, 16x16 latents = 256 tokens reduced to 128.
+    assert seen == [(2, 128, 32)] * 2
+    assert images.shape == full.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert not np.array_equal(images, full)
+    tofu_sd.remove(pipe)
+    assert np.array_equal(generate(pipe), full)
+
+
+def test_pipeline_batch_of_two_prompts_without_guidance(tiny_pipe_factory):
+    pipe = tiny_pipe_factory()
+    tofu_sd.apply(pipe, ratio=0.5)
+    images = generate(pipe, num_images_per_prompt=3, guidance_scale=1.0)
+    assert images.shape == (3, 32, 32, 3) and np.isfinite(images).all()
