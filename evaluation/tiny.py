@@ -19,7 +19,7 @@ TEXT_DIM = 32
 # Three resolution levels, transformer blocks at the two highest; layers_per_block=2 gives SD 1.x's
 # 2 + 3 blocks at the highest resolution.
 _SD15 = dict(
-    sample_size=16,
+    sample_size=32,
     in_channels=4,
     out_channels=4,
     block_out_channels=(32, 64, 64),

@@ -1,0 +1,113 @@
+"""The ``tofu-sd`` command: ``generate`` images per method, ``evaluate`` them, ``bench`` one denoising step."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EvaluationError
+from .models import DEFAULT_MODEL, SCHEDULERS, TINY
+
+
+def _add_reduction_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("token reduction (tofu_sd.apply options; tome uses ratio, max-downsample, sx, sy, rand)")
+    group.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens reduced per patched block (0.5)")
+    group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up)")
+    group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="patch lower resolutions too")
+    group.add_argument("--sx", type=int, default=2, help="cell width (2)")
+    group.add_argument("--sy", type=int, default=2, help="cell height (2)")
+    group.add_argument("--no-rand", dest="use_rand", action="store_false", help="top-left destinations, no randomness")
+    group.add_argument("--tofu-seed", type=int, default=None, help="seed of ToFu's destination positions (0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tofu-sd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images over ImageNet class prompts for each method, same seeds")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder, or '{TINY}' (offline, noise-like images); default {DEFAULT_MODEL}")
+    gen.add_argument("--methods", default="full,tome,tofu", help="comma-separated: full, tome, tofu")
+    gen.add_argument("--classes", default="0-999", help="class indices, e.g. 0-999 or 1,5,10-19")
+    gen.add_argument("--per-class", type=int, default=2, help="samples per class (2)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (50)")
+    gen.add_argument("--seed", type=int, default=0, help="base seed; sample k of class c uses seed*10^6 + c*1000 + k")
+    gen.add_argument("--out", required=True, help="run directory, e.g. runs/sd15")
+    gen.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (4)")
+    gen.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps, cpu")
+    gen.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    gen.add_argument("--height", type=int, default=None, help="image height (model default)")
+    gen.add_argument("--width", type=int, default=None, help="image width (model default)")
+    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
+    gen.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
+    gen.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call of each method too")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_reduction_options(gen)
+
+    ev = sub.add_parser("evaluate", help="FID / LPIPS / MS-SSIM of each method against the reference; writes a report")
+    ev.add_argument("run", help="run directory made by `tofu-sd generate`")
+    ev.add_argument("--reference", default="full", help="method the others are compared with (full)")
+    ev.add_argument("--fid-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth (else torch hub cache)")
+    ev.add_argument("--lpips-weights", default=None, help="local alexnet-owt-7be5be79.pth (else torch hub cache)")
+    ev.add_argument("--device", default="auto", help="device for the metric networks")
+    ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
+    ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateConfig, generate, parse_classes
+    from .methods import ReductionOptions, parse_methods
+
+    try:
+        reduction = ReductionOptions(args.ratio, args.schedule, args.max_downsample, args.sx, args.sy, args.use_rand, args.tofu_seed)
+        from tofu_sd import TokenFusionConfig
+
+        TokenFusionConfig(**reduction.tofu_kwargs())  # validate before loading anything
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+    config = GenerateConfig(
+        out=args.out, model=args.model, methods=parse_methods(args.methods), classes=parse_classes(args.classes),
+        per_class=args.per_class, steps=args.steps, seed=args.seed, reduction=reduction, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, height=args.height, width=args.width,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, warmup=args.warmup,
+    )  # fmt: skip
+    manifest = generate(config, progress=not args.quiet)
+    for method in config.methods:
+        stats = manifest["methods"][method]
+        per_image = stats["seconds"] / stats["images_timed"] if stats["images_timed"] else float("nan")
+        print(f"{method}: {per_image:.3f} s/img, peak {stats['peak_mem_bytes'] / 2**30:.2f} GB ({stats.get('peak_mem_kind', '-')})")
+    print(f"images in {Path(args.out)}; next: tofu-sd evaluate {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvaluateOptions, evaluate
+    from .report import markdown, write_report
+
+    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size)
+    report = evaluate(args.run, options)
+    paths = write_report(args.run, report, args.grid_columns)
+    print(markdown({k: v for k, v in report.items() if k != "names"}))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+    except EvaluationError as error:
+        print(f"tofu-sd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tofu-sd {args.command}: interrupted; finished images are kept, re-run to continue", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
