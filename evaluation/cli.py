@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .bench import VARIANTS
 from .errors import EvaluationError
 from .models import DEFAULT_MODEL, SCHEDULERS, TINY
 
@@ -52,7 +53,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="device for the metric networks")
     ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
+    bench = sub.add_parser("bench", help="time one denoising step: full, tomesd, tofu schedules, oracle")
+    bench.add_argument("--arch", default="sd15", choices=("sd15", "sdxl", "tiny"), help="U-Net architecture (random weights)")
+    bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8)")
+    bench.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    bench.add_argument("--ratio", type=float, default=0.5)
+    bench.add_argument("--reps", type=int, default=5, help="interleaved timed rounds (5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (1)")
+    bench.add_argument("--batch", type=int, default=2, help="batch size (2, as with classifier-free guidance)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    bench.add_argument("--overhead-tokens", default="4096,16384", help="N for the per-block overhead ('' to skip)")
+    bench.add_argument("--json", default=None, help="write the results here")
+    bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny U-Net (for CI)")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench, write_json
+
+    ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
+    try:
+        kwargs = dict(
+            arch=args.arch, latents=tuple(s // 8 for s in ints(args.sizes)), variants=tuple(args.variants.split(",")),
+            ratio=args.ratio, reps=args.reps, warmup=args.warmup, batch=args.batch, device=args.device,
+            dtype=args.dtype, compile_=args.compile, overhead_tokens=ints(args.overhead_tokens),
+        )  # fmt: skip
+    except ValueError as error:
+        raise EvaluationError(f"bad --sizes or --overhead-tokens: {error}") from error
+    if args.smoke:
+        kwargs.update(arch="tiny", latents=(16,), reps=2, warmup=1, overhead_tokens=(256,))
+    try:
+        result = run_bench(**kwargs, log=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -100,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "bench":
+            return _bench(args)
     except EvaluationError as error:
         print(f"tofu-sd {args.command}: error: {error}", file=sys.stderr)
         return 2

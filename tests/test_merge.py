@@ -7,6 +7,7 @@ from tofu_sd.merge import (
     bipartite_soft_matching,
     cell_offsets,
     partition,
+    random_partition,
     reduce_tokens,
     restore_tokens,
     timestep_key,
@@ -51,6 +52,15 @@ def test_cell_offsets_seeded_and_spread():
         assert (other != a).float().mean() > 0.5
     counts = torch.bincount(a.flatten(), minlength=4).float()
     assert (counts / counts.sum() - 0.25).abs().max() < 0.05  # 1024 draws: uniform within 5 points
+
+
+def test_random_partition_is_partition_at_seeded_offsets():
+    key = timestep_key(torch.tensor(801), "cpu")
+    for h, w, sx, sy in [(8, 8, 2, 2), (7, 9, 3, 2)]:
+        offsets = cell_offsets(h // sy, w // sx, sx * sy, seed=5, stream=2, key=key)
+        expected = partition(h, w, sx, sy, offsets)
+        for got, want in zip(random_partition(h, w, sx, sy, seed=5, stream=2, key=key), expected):
+            assert torch.equal(got, want)
 
 
 def test_timestep_key_takes_first_of_batched_timesteps():

@@ -19,8 +19,8 @@ from .merge import (
     MODES,
     Matching,
     bipartite_soft_matching,
-    cell_offsets,
     partition,
+    random_partition,
     reduce_tokens,
     restore_tokens,
     timestep_key,
@@ -102,11 +102,10 @@ class MatchingHook(ModelHook):
         self.index, self.ratio, self.sx, self.sy, self.use_rand, self.seed = index, ratio, sx, sy, use_rand, seed
 
     def _partition(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = None
         if self.use_rand:
             key = timestep_key(self.call.timestep, device)
-            offsets = cell_offsets(h // self.sy, w // self.sx, self.sx * self.sy, self.seed, self.index, key)
-        return partition(h, w, self.sx, self.sy, offsets, device)
+            return random_partition(h, w, self.sx, self.sy, self.seed, self.index, key)
+        return partition(h, w, self.sx, self.sy, device=device)
 
     def pre_forward(self, module, *args, **kwargs):
         x = _argument(args, kwargs, 0, "hidden_states")

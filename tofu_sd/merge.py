@@ -12,6 +12,7 @@ full token set a single gather.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class Matching:
         dst_slot: ``(B, r)`` slot, in the reduced sequence, of the destination each reduced source was matched to.
         restore_idx: ``(B, N)`` slot, in the reduced sequence, each original token takes its output from.
         num_dst: number of destination tokens (the last ``num_dst`` slots of the reduced sequence).
+        keep_rows, src_rows, restore_rows, dst_rows: the same indices flattened over the batch (rows of
+            ``x.reshape(-1, C)``; ``dst_rows`` indexes the ``B * num_dst`` destinations), for ``index_select``
+            and ``index_add_``, which are much faster than ``gather`` / ``scatter`` with an expanded index.
     """
 
     keep_idx: torch.Tensor
@@ -39,6 +43,10 @@ class Matching:
     dst_slot: torch.Tensor
     restore_idx: torch.Tensor
     num_dst: int
+    keep_rows: torch.Tensor
+    src_rows: torch.Tensor
+    restore_rows: torch.Tensor
+    dst_rows: torch.Tensor
 
     @property
     def r(self) -> int:
@@ -64,6 +72,39 @@ def timestep_key(timestep: torch.Tensor | float | int | None, device: torch.devi
     return (t.float() * 64).round().to(torch.int64) & _MASK32
 
 
+def _pcg_int(v: int) -> int:
+    """:func:`_pcg_hash` of one Python int, on the host (no tensor, so nothing for torch.compile to break on)."""
+    state = ((v & _MASK32) * 747796405 + 2891336453) & _MASK32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK32
+    return (word >> 22) ^ word
+
+
+def _tables(h: int, w: int, sx: int, sy: int, device: torch.device):
+    # Dynamo traces the builder itself (its cache is a host-side detail); eager calls hit the cache.
+    build = _cell_tables.__wrapped__ if torch.compiler.is_compiling() else _cell_tables
+    return build(h, w, sx, sy, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_tables(h: int, w: int, sx: int, sy: int, device: torch.device):
+    """Static index tables of an ``h x w`` grid in ``sy x sx`` cells, built once per grid and device.
+
+    Returns ``(members, others, leftover, cell_ids)``: the flat positions of each full cell's ``k`` members
+    (row-major inside the cell), for each possible destination ``o`` the ``k - 1`` other members, the positions
+    in no full cell, and ``0 .. cells - 1`` spread by a large odd constant (the hash's counter).
+    """
+    cells_h, cells_w, k = h // sy, w // sx, sx * sy
+    grid = torch.arange(h * w, device=device).view(h, w)
+    members = grid[: cells_h * sy, : cells_w * sx].reshape(cells_h, sy, cells_w, sx).permute(0, 2, 1, 3)
+    members = members.reshape(cells_h * cells_w, k)
+    # The k - 1 members other than o, in order: member m of the others is m + (m >= o).
+    rest = torch.arange(k - 1, device=device).unsqueeze(0)
+    others = rest + (rest >= torch.arange(k, device=device).unsqueeze(1)).long()
+    leftover = torch.cat([grid[: cells_h * sy, cells_w * sx :].reshape(-1), grid[cells_h * sy :, :].reshape(-1)])
+    cell_ids = torch.arange(cells_h * cells_w, device=device) * 0x85EBCA6B
+    return members, others, leftover, cell_ids
+
+
 def cell_offsets(
     cells_h: int, cells_w: int, cell_size: int, seed: int, stream: int, key: torch.Tensor
 ) -> torch.Tensor:
@@ -74,10 +115,13 @@ def cell_offsets(
     the conditional and unconditional passes of a loop that runs them separately, share one partition.
     ``stream`` separates blocks; ``key`` is usually :func:`timestep_key`.
     """
-    base = _pcg_hash(torch.tensor((seed & _MASK32) ^ ((stream * 0x9E3779B9) & _MASK32), dtype=torch.int64))
-    base = _pcg_hash((base.to(key.device) + key) & _MASK32)
-    cells = torch.arange(cells_h * cells_w, device=key.device, dtype=torch.int64)
-    return (_pcg_hash((base + cells * 0x85EBCA6B) & _MASK32) % cell_size).view(cells_h, cells_w)
+    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))
+    cells = torch.arange(cells_h * cells_w, device=key.device) * 0x85EBCA6B
+    return _offsets(base, key, cells, cell_size).view(cells_h, cells_w)
+
+
+def _offsets(base: int, key: torch.Tensor, cell_ids: torch.Tensor, cell_size: int) -> torch.Tensor:
+    return _pcg_hash((key * 0x27D4EB2F + base + cell_ids) & _MASK32) % cell_size
 
 
 def partition(
@@ -93,28 +137,34 @@ def partition(
         ``(dst_pos, src_pos)``: 1-D ``int64`` tensors of flat positions, ``h // sy * (w // sx)`` destinations
         and the rest sources.
     """
-    if offsets is not None:
-        device = offsets.device
-    cells_h, cells_w, k = h // sy, w // sx, sx * sy
+    device = torch.device(offsets.device if offsets is not None else (device or "cpu"))
+    members, others, leftover, _ = _tables(h, w, sx, sy, device)
     if offsets is None:
-        offsets = torch.zeros(cells_h, cells_w, dtype=torch.int64, device=device)
-    row0 = torch.arange(cells_h, device=device)[:, None] * sy
-    col0 = torch.arange(cells_w, device=device)[None, :] * sx
-    dst_pos = ((row0 + offsets // sx) * w + col0 + offsets % sx).reshape(-1)
-
-    # The k - 1 other members of each cell: member m' of the others is m' + (m' >= offset).
-    others = torch.arange(k - 1, device=device)
-    members = others + (others >= offsets[..., None]).to(others.dtype)
-    src_cells = (row0[..., None] + members // sx) * w + col0[..., None] + members % sx
-    grid = torch.arange(h * w, device=device).view(h, w)
-    leftover = torch.cat([grid[: cells_h * sy, cells_w * sx :].reshape(-1), grid[cells_h * sy :, :].reshape(-1)])
-    src_pos = torch.cat([src_cells.reshape(-1), leftover])
+        offsets = torch.zeros(members.shape[0], dtype=torch.int64, device=device)
+    offsets = offsets.reshape(-1, 1)
+    dst_pos = members.gather(1, offsets).reshape(-1)
+    src_pos = torch.cat([members.gather(1, others[offsets[:, 0]]).reshape(-1), leftover])
     return dst_pos, src_pos
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b, i], :]`` for ``x`` of shape ``(B, N, C)`` and ``idx`` of shape ``(B, M)``."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def random_partition(
+    h: int, w: int, sx: int, sy: int, seed: int, stream: int, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partition` with the offsets of :func:`cell_offsets`, reusing the grid's cached tables."""
+    _, _, _, cell_ids = _tables(h, w, sx, sy, key.device)
+    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))
+    return partition(h, w, sx, sy, _offsets(base, key, cell_ids, sx * sy))
+
+
+def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (flat over the batch, ``B * M`` of them) of ``x`` ``(B, N, C)``, as ``(B, M, C)``."""
+    B, _, C = x.shape
+    return x.reshape(-1, C).index_select(0, rows).view(B, -1, C)
+
+
+def _flat(idx: torch.Tensor, stride: int) -> torch.Tensor:
+    """Per-batch indices ``(B, M)`` into rows of a ``(B * stride, C)`` view."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * stride).reshape(-1)
 
 
 @torch.no_grad()
@@ -133,9 +183,10 @@ def bipartite_soft_matching(
         return None
 
     # Cosine similarity; the clamp keeps zero tokens finite (they match anything with score 0).
-    norm = torch.linalg.vector_norm(metric, dim=-1, keepdim=True, dtype=torch.float32)
-    metric = metric / norm.clamp_min(1e-4).to(metric.dtype)
-    scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(-1, -2)  # (B, num_src, num_dst)
+    a, b = metric[:, src_pos], metric[:, dst_pos]
+    for t in (a, b):
+        t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-4).to(t.dtype))
+    scores = torch.bmm(a, b.transpose(1, 2).contiguous())  # (B, num_src, num_dst); contiguous rhs: faster on CPU
 
     node_max, node_idx = scores.max(dim=-1)
     order = node_max.argsort(dim=-1, descending=True)
@@ -143,14 +194,18 @@ def bipartite_soft_matching(
     num_unm = num_src - r
 
     src_idx = src_pos[merged]
-    dst_slot = node_idx.gather(1, merged) + num_unm
+    dst_idx = node_idx.gather(1, merged)
     keep_idx = torch.cat([src_pos[unmerged], dst_pos.expand(B, num_dst)], dim=1)
 
     slots = torch.arange(N - r, device=metric.device).expand(B, N - r)
     restore_idx = torch.empty(B, N, dtype=torch.int64, device=metric.device)
     restore_idx.scatter_(1, keep_idx, slots)
-    restore_idx.scatter_(1, src_idx, dst_slot)
-    return Matching(keep_idx=keep_idx, src_idx=src_idx, dst_slot=dst_slot, restore_idx=restore_idx, num_dst=num_dst)
+    restore_idx.scatter_(1, src_idx, dst_idx + num_unm)
+    return Matching(
+        keep_idx=keep_idx, src_idx=src_idx, dst_slot=dst_idx + num_unm, restore_idx=restore_idx, num_dst=num_dst,
+        keep_rows=_flat(keep_idx, N), src_rows=_flat(src_idx, N), restore_rows=_flat(restore_idx, N - r),
+        dst_rows=_flat(dst_idx, num_dst),
+    )  # fmt: skip
 
 
 def reduce_tokens(x: torch.Tensor, m: Matching, mode: str) -> torch.Tensor:
@@ -162,37 +217,38 @@ def reduce_tokens(x: torch.Tensor, m: Matching, mode: str) -> torch.Tensor:
 
     Merging is computed in at least float32, so half-precision inputs neither overflow nor lose the mean.
     """
-    kept = gather_tokens(x, m.keep_idx)
+    kept = gather_tokens(x, m.keep_rows)
     if mode == "prune":
         return kept
     if mode not in ("mean", "mlerp"):
         raise ValueError(f"unknown reduction mode {mode!r}; expected 'prune', 'mean' or 'mlerp'")
 
+    B, _, C = x.shape
     work = torch.promote_types(x.dtype, torch.float32)
-    dst = kept[:, -m.num_dst :].to(work)
-    src = gather_tokens(x, m.src_idx).to(work)
-    dst_idx = m.dst_slot - (kept.shape[1] - m.num_dst)
-    merged = dst.scatter_reduce(1, dst_idx.unsqueeze(-1).expand_as(src), src, reduce="mean", include_self=True)
+    dst = kept[:, -m.num_dst :].reshape(-1, C).to(work)  # (B * num_dst, C), a copy
+    src = x.reshape(-1, C).index_select(0, m.src_rows).to(work)  # (B * r, C)
+    ones = torch.ones_like(m.dst_rows, dtype=work)
+    count = torch.ones(dst.shape[0], dtype=work, device=dst.device).index_add_(0, m.dst_rows, ones)
+    merged = dst.index_add(0, m.dst_rows, src).div_(count.unsqueeze(1))
     if mode == "mlerp":
-        merged = _rescale_to_max_norm(merged, dst, src, dst_idx)
-    kept[:, -m.num_dst :] = merged.to(x.dtype)
+        merged = _rescale_to_max_norm(merged, dst, src, m.dst_rows, count)
+    kept[:, -m.num_dst :] = merged.view(B, m.num_dst, C).to(x.dtype)
     return kept
 
 
 def _rescale_to_max_norm(
-    mean: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, dst_idx: torch.Tensor
+    mean: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, dst_rows: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
     """MLERP (Eq. 10): ``mean / ||mean|| * max_k ||x_k||`` for groups that received sources; others unchanged.
 
     The result's norm never exceeds the group's largest norm, and a zero mean stays zero.
     """
     dst_norm = torch.linalg.vector_norm(dst, dim=-1)
-    max_norm = dst_norm.scatter_reduce(1, dst_idx, torch.linalg.vector_norm(src, dim=-1), reduce="amax")
+    max_norm = dst_norm.scatter_reduce(0, dst_rows, torch.linalg.vector_norm(src, dim=-1), reduce="amax")
     scale = max_norm / torch.linalg.vector_norm(mean, dim=-1).clamp_min(torch.finfo(mean.dtype).tiny)
-    grew = torch.zeros_like(dst_norm, dtype=torch.bool).scatter_(1, dst_idx, True)
-    return mean * torch.where(grew, scale, torch.ones_like(scale)).unsqueeze(-1)
+    return mean * torch.where(count > 1, scale, torch.ones_like(scale)).unsqueeze(-1)
 
 
 def restore_tokens(y: torch.Tensor, m: Matching) -> torch.Tensor:
     """Unmerge ``y`` ``(B, N - r, C)`` back to ``(B, N, C)``: every reduced source takes its destination's output."""
-    return gather_tokens(y, m.restore_idx)
+    return gather_tokens(y, m.restore_rows)
