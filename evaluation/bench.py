@@ -160,6 +160,7 @@ class StepTimes:
             "min_s": min(self.seconds),
             "reps": len(self.seconds),
             "peak_mem_gb": self.peak_mem_bytes / 2**30,
+            "seconds": self.seconds,
         }
 
 
@@ -209,12 +210,23 @@ def time_steps(unet, inputs: dict, variants: list[str], ratio: float, reps: int,
     return {v: t.summary() for v, t in times.items()}, kind
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: both ran in the same round, so slow drifts of the machine cancel."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def _ratios(results: dict) -> dict:
-    med = {v: r["median_s"] for v, r in results.items()}
-    ratios = {f"{v}/full": med[v] / med["full"] for v in med if "full" in med and v != "full"}
+    """Paired (per-round) median ratios, and the same from the minimum times as a cross-check."""
+    secs = {v: r["seconds"] for v, r in results.items()}
+    pairs = [(v, "full") for v in secs if v != "full" and "full" in secs]
+    pairs += [("tofu", other) for other in ("tome", "oracle") if "tofu" in secs and other in secs]
+    ratios = {}
+    for a, b in pairs:
+        ratios[f"{a}/{b}"] = paired_ratio(secs[a], secs[b])
+        ratios[f"{a}/{b} (min)"] = min(secs[a]) / min(secs[b])
     for other in ("tome", "oracle"):
-        if "tofu" in med and other in med:
-            ratios[f"tofu/{other}"] = med["tofu"] / med[other]
+        if "tofu" in results and other in results:
+            ratios[f"tofu/{other} memory"] = results["tofu"]["peak_mem_gb"] / results[other]["peak_mem_gb"]
     return ratios
 
 
@@ -299,11 +311,12 @@ def format_table(result: dict) -> str:
              f"batch {result['batch']}, ratio {result['ratio']}, compiled={result['compiled']})"]  # fmt: skip
     for size, data in result["steps"].items():
         full = data["variants"].get("full", {}).get("median_s")
-        lines += ["", f"{size}x{size}: variant   median s   min s   vs full   peak mem GB ({data['peak_mem_kind']})"]
+        lines += ["", f"{size}x{size}: variant   median s    min s   vs full (paired)   peak mem MB ({data['peak_mem_kind']})"]
         for name, r in data["variants"].items():
-            rel = f"{r['median_s'] / full:7.3f}" if full else "    n/a"
-            lines.append(f"  {name:<10} {r['median_s']:9.4f} {r['min_s']:7.4f} {rel}   {r['peak_mem_gb']:8.3f}")
-        lines.append("  " + ", ".join(f"{k} = {v:.3f}" for k, v in data["ratios"].items()))
+            rel = f"{data['ratios'].get(f'{name}/full', 1.0):7.3f}" if full else "    n/a"
+            lines.append(f"  {name:<10} {r['median_s']:9.4f} {r['min_s']:8.4f} {rel:>12}   {r['peak_mem_gb'] * 1024:14.1f}")
+        key = [k for k in data["ratios"] if k.startswith("tofu/t") or k.startswith("tofu/o")]
+        lines.append("  " + ", ".join(f"{k} = {data['ratios'][k]:.3f}" for k in key))
     if result["block_overhead_s"]:
         lines += ["", "reduce + restore machinery per block call (ms, attention excluded):"]
         for tokens, data in result["block_overhead_s"].items():

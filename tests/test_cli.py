@@ -176,3 +176,16 @@ def test_unknown_reference_and_empty_method(run_copy, capsys):
         p.unlink()
     assert main(["evaluate", str(run_copy)]) == 2
     assert "holds no PNG images" in capsys.readouterr().err
+
+
+def test_model_from_a_local_diffusers_folder(tmp_path, tiny_pipe_factory):
+    """The real loading path (AutoPipelineForText2Image.from_pretrained) on a saved pipeline, offline."""
+    folder = tmp_path / "my-model"
+    tiny_pipe_factory().save_pretrained(folder)
+    out = tmp_path / "run"
+    args = ["generate", "--model", str(folder), "--methods", "full,tofu", "--classes", "5", "--per-class", "1",
+            "--steps", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "tofu" / "0005_0.png").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["model"] == str(folder) and manifest["config"]["model_class"] == "StableDiffusionPipeline"

@@ -73,10 +73,7 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
                 grids[id(site.transformer)] = hooks.GridState()
                 hooks.register(site.transformer, hooks.FeatureMapHook(grids[id(site.transformer)]), hooks.FEATURE_MAP_HOOK)
             block_state = hooks.BlockState()
-            matching = hooks.MatchingHook(
-                call, grids[id(site.transformer)], block_state, index, config.ratio,
-                config.sx, config.sy, config.use_rand, config.seed,
-            )  # fmt: skip
+            matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index, config)
             hooks.register(site.block, matching, hooks.MATCHING_HOOK)
             hooks.register(site.block.attn1, hooks.SelfAttentionHook(block_state, letter), hooks.SELF_ATTENTION_HOOK)
     except BaseException:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .config import TokenFusionConfig
 from .merge import (
     MODES,
     Matching,
@@ -93,19 +94,16 @@ class FeatureMapHook(ModelHook):
 class MatchingHook(ModelHook):
     """Bipartite soft matching on the block's input hidden states X, once per block call, for the whole batch."""
 
-    def __init__(
-        self, call: CallState, grid: GridState, state: BlockState, index: int, ratio: float,
-        sx: int, sy: int, use_rand: bool, seed: int,
-    ) -> None:  # fmt: skip
+    def __init__(self, call: CallState, grid: GridState, state: BlockState, index: int, config: TokenFusionConfig):
         super().__init__()
-        self.call, self.grid, self.state = call, grid, state
-        self.index, self.ratio, self.sx, self.sy, self.use_rand, self.seed = index, ratio, sx, sy, use_rand, seed
+        self.call, self.grid, self.state, self.index, self.config = call, grid, state, index, config
 
     def _partition(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_rand:
+        c = self.config
+        if c.use_rand:
             key = timestep_key(self.call.timestep, device)
-            return random_partition(h, w, self.sx, self.sy, self.seed, self.index, key)
-        return partition(h, w, self.sx, self.sy, device=device)
+            return random_partition(h, w, c.sx, c.sy, c.seed or 0, self.index, key)
+        return partition(h, w, c.sx, c.sy, device=device)
 
     def pre_forward(self, module, *args, **kwargs):
         x = _argument(args, kwargs, 0, "hidden_states")
@@ -113,7 +111,7 @@ class MatchingHook(ModelHook):
         grid = self.grid.grid
         if grid is not None and x.ndim == 3 and grid[0] * grid[1] == x.shape[1]:
             dst_pos, src_pos = self._partition(grid[0], grid[1], x.device)
-            self.state.matching = bipartite_soft_matching(x, dst_pos, src_pos, int(x.shape[1] * self.ratio))
+            self.state.matching = bipartite_soft_matching(x, dst_pos, src_pos, int(x.shape[1] * self.config.ratio))
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -122,7 +120,7 @@ class MatchingHook(ModelHook):
 
 
 class SelfAttentionHook(ModelHook):
-    """Runs ``attn1`` on the reduced tokens and scatters its output back to every token."""
+    """Runs ``attn1`` on the reduced tokens, then gives every token its output back (one gather)."""
 
     def __init__(self, state: BlockState, letter: str) -> None:
         super().__init__()
@@ -132,7 +130,7 @@ class SelfAttentionHook(ModelHook):
         m = self.state.matching
         x = _argument(args, kwargs, 0, "hidden_states")
         # A mask is laid out for the full token set, so a masked call is left alone.
-        if m is None or _argument(args, kwargs, 2, "attention_mask") is not None or x.shape[1] != m.restore_idx.shape[1]:
+        if m is None or _argument(args, kwargs, 2, "attention_mask") is not None or x.shape[1] != m.num_tokens:
             return args, kwargs
         x = reduce_tokens(x, m, self.mode)
         self.state.reduced = True
@@ -143,10 +141,10 @@ class SelfAttentionHook(ModelHook):
     def post_forward(self, module, output):
         if not self.state.reduced:
             return output
-        self.state.reduced = False
+        m, self.state.matching, self.state.reduced = self.state.matching, None, False  # free before the MLP
         if isinstance(output, tuple):
-            return (restore_tokens(output[0], self.state.matching), *output[1:])
-        return restore_tokens(output, self.state.matching)
+            return (restore_tokens(output[0], m), *output[1:])
+        return restore_tokens(output, m)
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

@@ -27,31 +27,56 @@ _MASK32 = 0xFFFFFFFF
 class Matching:
     """Result of bipartite soft matching for one block call; all indices are ``int64`` on the tokens' device.
 
+    Indices are stored flat over the batch (rows of ``x.reshape(-1, C)``), for ``index_select`` and
+    ``index_add_``, which are much faster than ``gather`` / ``scatter`` with an expanded index.
+
     Attributes:
-        keep_idx: ``(B, N - r)`` original positions of the tokens that stay, unmerged sources first, then destinations.
-        src_idx: ``(B, r)`` original positions of the source tokens that are reduced away.
-        dst_slot: ``(B, r)`` slot, in the reduced sequence, of the destination each reduced source was matched to.
-        restore_idx: ``(B, N)`` slot, in the reduced sequence, each original token takes its output from.
-        num_dst: number of destination tokens (the last ``num_dst`` slots of the reduced sequence).
-        keep_rows, src_rows, restore_rows, dst_rows: the same indices flattened over the batch (rows of
-            ``x.reshape(-1, C)``; ``dst_rows`` indexes the ``B * num_dst`` destinations), for ``index_select``
-            and ``index_add_``, which are much faster than ``gather`` / ``scatter`` with an expanded index.
+        keep_rows: ``B * (N - r)`` rows of the tokens that stay, per batch element unmerged sources first,
+            then destinations.
+        src_rows: ``B * r`` rows of the source tokens that are reduced away.
+        dst_rows: for each of those, the row (out of ``B * num_dst``) of the destination it was matched to.
+        restore_rows: ``B * N`` rows of the reduced sequence each original token takes its output from.
+        num_tokens: N; num_dst: destinations per batch element (the last ``num_dst`` reduced slots).
     """
 
-    keep_idx: torch.Tensor
-    src_idx: torch.Tensor
-    dst_slot: torch.Tensor
-    restore_idx: torch.Tensor
-    num_dst: int
     keep_rows: torch.Tensor
     src_rows: torch.Tensor
-    restore_rows: torch.Tensor
     dst_rows: torch.Tensor
+    restore_rows: torch.Tensor
+    num_tokens: int
+    num_dst: int
+
+    @property
+    def batch(self) -> int:
+        return self.restore_rows.numel() // self.num_tokens
 
     @property
     def r(self) -> int:
-        """Number of tokens removed."""
-        return self.src_idx.shape[1]
+        """Number of tokens removed per batch element."""
+        return self.src_rows.numel() // self.batch
+
+    def _per_batch(self, rows: torch.Tensor, stride: int) -> torch.Tensor:
+        return rows.view(self.batch, -1) - torch.arange(self.batch, device=rows.device).unsqueeze(1) * stride
+
+    @property
+    def keep_idx(self) -> torch.Tensor:
+        """``(B, N - r)`` original positions of the tokens that stay."""
+        return self._per_batch(self.keep_rows, self.num_tokens)
+
+    @property
+    def src_idx(self) -> torch.Tensor:
+        """``(B, r)`` original positions of the reduced sources."""
+        return self._per_batch(self.src_rows, self.num_tokens)
+
+    @property
+    def dst_slot(self) -> torch.Tensor:
+        """``(B, r)`` reduced-sequence slot of the destination each reduced source went to."""
+        return self._per_batch(self.dst_rows, self.num_dst) + (self.num_tokens - self.r - self.num_dst)
+
+    @property
+    def restore_idx(self) -> torch.Tensor:
+        """``(B, N)`` reduced-sequence slot each original token takes its output from."""
+        return self._per_batch(self.restore_rows, self.num_tokens - self.r)
 
 
 def _pcg_hash(v: torch.Tensor) -> torch.Tensor:
@@ -202,10 +227,9 @@ def bipartite_soft_matching(
     restore_idx.scatter_(1, keep_idx, slots)
     restore_idx.scatter_(1, src_idx, dst_idx + num_unm)
     return Matching(
-        keep_idx=keep_idx, src_idx=src_idx, dst_slot=dst_idx + num_unm, restore_idx=restore_idx, num_dst=num_dst,
-        keep_rows=_flat(keep_idx, N), src_rows=_flat(src_idx, N), restore_rows=_flat(restore_idx, N - r),
-        dst_rows=_flat(dst_idx, num_dst),
-    )  # fmt: skip
+        keep_rows=_flat(keep_idx, N), src_rows=_flat(src_idx, N), dst_rows=_flat(dst_idx, num_dst),
+        restore_rows=_flat(restore_idx, N - r), num_tokens=N, num_dst=num_dst,
+    )
 
 
 def reduce_tokens(x: torch.Tensor, m: Matching, mode: str) -> torch.Tensor:
