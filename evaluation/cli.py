@@ -97,13 +97,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import GenerateConfig, generate, parse_classes
-    from .methods import ReductionOptions, parse_methods
+    from tofu_sd import TokenFusionConfig
 
-    try:
-        reduction = ReductionOptions(args.ratio, args.schedule, args.max_downsample, args.sx, args.sy, args.use_rand, args.tofu_seed)
-        from tofu_sd import TokenFusionConfig
+    from .methods import parse_methods
 
-        TokenFusionConfig(**reduction.tofu_kwargs())  # validate before loading anything
+    try:  # validated here, before anything is loaded
+        reduction = TokenFusionConfig(
+            args.ratio, args.schedule, args.max_downsample, args.sx, args.sy, args.use_rand, args.tofu_seed
+        )
     except ValueError as error:
         raise EvaluationError(str(error)) from error
     config = GenerateConfig(

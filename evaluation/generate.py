@@ -24,10 +24,11 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from prompts import NUM_CLASSES, class_names, prompt
+from tofu_sd import TokenFusionConfig
 
 from .errors import EvaluationError
 from .memory import PeakMemory
-from .methods import ReductionOptions, method_applied
+from .methods import method_applied
 from .models import default_size, load_pipeline, resolve_device, resolve_dtype
 
 MANIFEST = "manifest.json"
@@ -45,7 +46,7 @@ class GenerateConfig:
     per_class: int = 2
     steps: int = 50
     seed: int = 0
-    reduction: ReductionOptions = field(default_factory=ReductionOptions)
+    reduction: TokenFusionConfig = field(default_factory=TokenFusionConfig)
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"

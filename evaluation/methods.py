@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import tofu_sd
+from tofu_sd import TokenFusionConfig
 from tofu_sd.blocks import transformer_block_sites
 
 from .errors import EvaluationError
 
 METHODS = ("full", "tome", "tofu")
-
-
-@dataclass(frozen=True)
-class ReductionOptions:
-    """Token-reduction options shared by ``tome`` and ``tofu`` (ToMe has no schedule and no seed)."""
-
-    ratio: float = 0.5
-    schedule: str | None = None
-    max_downsample: int = 1
-    sx: int = 2
-    sy: int = 2
-    use_rand: bool = True
-    seed: int | None = None
-
-    def tofu_kwargs(self) -> dict:
-        return asdict(self)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -39,19 +24,23 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def tome_max_downsample(pipe, options: ReductionOptions) -> int:
+def tome_max_downsample(pipe, options: TokenFusionConfig) -> int:
     """tomesd counts downsampling from the U-Net input, tofu_sd from its finest transformer level: patch the same blocks."""
     finest = min(site.downsample for site in transformer_block_sites(pipe.unet))
     return options.max_downsample * finest
 
 
 @contextlib.contextmanager
-def method_applied(pipe, method: str, options: ReductionOptions):
-    """Patch ``pipe`` for ``method`` for the duration of the block, and restore it afterwards."""
+def method_applied(pipe, method: str, options: TokenFusionConfig):
+    """Patch ``pipe`` for ``method`` for the duration of the block, and restore it afterwards.
+
+    ``tome`` takes ``ratio``, ``max_downsample``, ``sx``, ``sy`` and ``use_rand`` from ``options`` (ToMe has no
+    schedule and no seed); ``tofu`` takes all of them.
+    """
     if method == "full":
         yield
     elif method == "tofu":
-        tofu_sd.apply(pipe, **options.tofu_kwargs())
+        tofu_sd.apply(pipe, **asdict(options))
         try:
             yield
         finally:
