@@ -41,10 +41,16 @@ def _argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
 
 
 class CallState:
-    """What the current U-Net call knows: its timestep."""
+    """What the current U-Net call knows: its timestep, and the partition key derived from it (once per call)."""
 
     def __init__(self) -> None:
         self.timestep: torch.Tensor | float | None = None
+        self.key: torch.Tensor | None = None
+
+    def partition_key(self, device: torch.device) -> torch.Tensor:
+        if self.key is None or self.key.device != device:
+            self.key = timestep_key(self.timestep, device)
+        return self.key
 
 
 class GridState:
@@ -70,7 +76,7 @@ class TimestepHook(ModelHook):
         self.call = call
 
     def pre_forward(self, module, *args, **kwargs):
-        self.call.timestep = _argument(args, kwargs, 1, "timestep")
+        self.call.timestep, self.call.key = _argument(args, kwargs, 1, "timestep"), None
         return args, kwargs
 
 
@@ -101,8 +107,7 @@ class MatchingHook(ModelHook):
     def _partition(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         if c.use_rand:
-            key = timestep_key(self.call.timestep, device)
-            return random_partition(h, w, c.sx, c.sy, c.seed or 0, self.index, key)
+            return random_partition(h, w, c.sx, c.sy, c.seed or 0, self.index, self.call.partition_key(device))
         return partition(h, w, c.sx, c.sy, device=device)
 
     def pre_forward(self, module, *args, **kwargs):

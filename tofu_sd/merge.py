@@ -140,12 +140,12 @@ def cell_offsets(
     the conditional and unconditional passes of a loop that runs them separately, share one partition.
     ``stream`` separates blocks; ``key`` is usually :func:`timestep_key`.
     """
-    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))
     cells = torch.arange(cells_h * cells_w, device=key.device) * 0x85EBCA6B
-    return _offsets(base, key, cells, cell_size).view(cells_h, cells_w)
+    return _offsets(seed, stream, key, cells, cell_size).view(cells_h, cells_w)
 
 
-def _offsets(base: int, key: torch.Tensor, cell_ids: torch.Tensor, cell_size: int) -> torch.Tensor:
+def _offsets(seed: int, stream: int, key: torch.Tensor, cell_ids: torch.Tensor, cell_size: int) -> torch.Tensor:
+    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))  # host ints: no device work
     return _pcg_hash((key * 0x27D4EB2F + base + cell_ids) & _MASK32) % cell_size
 
 
@@ -177,8 +177,7 @@ def random_partition(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`partition` with the offsets of :func:`cell_offsets`, reusing the grid's cached tables."""
     _, _, _, cell_ids = _tables(h, w, sx, sy, key.device)
-    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))
-    return partition(h, w, sx, sy, _offsets(base, key, cell_ids, sx * sy))
+    return partition(h, w, sx, sy, _offsets(seed, stream, key, cell_ids, sx * sy))
 
 
 def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
