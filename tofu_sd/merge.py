@@ -79,8 +79,9 @@ class Matching:
         return self._per_batch(self.restore_rows, self.num_tokens - self.r)
 
 
-def _pcg_hash(v: torch.Tensor) -> torch.Tensor:
-    """PCG hash (Jarzynski & Olano, 2020) of 32-bit values held in int64: exact on every device, no overflow."""
+def _pcg_hash(v):
+    """PCG hash (Jarzynski & Olano, 2020) of 32-bit values: an int64 tensor (exact on every device, no overflow)
+    or a Python int (on the host, so nothing for torch.compile to break on)."""
     state = (v * 747796405 + 2891336453) & _MASK32
     word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK32
     return (word >> 22) ^ word
@@ -95,13 +96,6 @@ def timestep_key(timestep: torch.Tensor | float | int | None, device: torch.devi
         return torch.zeros((), dtype=torch.int64, device=device)
     t = torch.as_tensor(timestep, device=device).reshape(-1)[0]
     return (t.float() * 64).round().to(torch.int64) & _MASK32
-
-
-def _pcg_int(v: int) -> int:
-    """:func:`_pcg_hash` of one Python int, on the host (no tensor, so nothing for torch.compile to break on)."""
-    state = ((v & _MASK32) * 747796405 + 2891336453) & _MASK32
-    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK32
-    return (word >> 22) ^ word
 
 
 def _tables(h: int, w: int, sx: int, sy: int, device: torch.device):
@@ -145,7 +139,7 @@ def cell_offsets(
 
 
 def _offsets(seed: int, stream: int, key: torch.Tensor, cell_ids: torch.Tensor, cell_size: int) -> torch.Tensor:
-    base = _pcg_int(_pcg_int(seed) ^ ((stream * 0x9E3779B9) & _MASK32))  # host ints: no device work
+    base = _pcg_hash(_pcg_hash(seed & _MASK32) ^ ((stream * 0x9E3779B9) & _MASK32))  # host ints: no device work
     return _pcg_hash((key * 0x27D4EB2F + base + cell_ids) & _MASK32) % cell_size
 
 
