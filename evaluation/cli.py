@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from .bench import VARIANTS
+from prompts import PROMPT_SETS, class_names
+
 from .errors import EvaluationError
-from .models import DEFAULT_MODEL, SCHEDULERS, TINY
+from .models import DEFAULT_MODEL, SCHEDULERS, TINY, TINY_RANDOM
 
 
 def _add_reduction_options(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofu-sd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images over ImageNet class prompts for each method, same seeds")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder, or '{TINY}' (offline, noise-like images); default {DEFAULT_MODEL}")
+    gen = sub.add_parser("generate", help="generate images over class prompts for each method, same seeds")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder, '{TINY}' (built-in model trained on coloured shapes, offline) or '{TINY_RANDOM}' (random weights, for tests); default {DEFAULT_MODEL}")
+    gen.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set: 'shapes' (the default for {TINY}) or 'imagenet' (the default otherwise)")
     gen.add_argument("--methods", default="full,tome,tofu", help="comma-separated: full, tome, tofu")
-    gen.add_argument("--classes", default="0-999", help="class indices, e.g. 0-999 or 1,5,10-19")
+    gen.add_argument("--classes", default=None, help="class indices of the prompt set, e.g. 0-999 or 1,5,10-19 (default: all)")
     gen.add_argument("--per-class", type=int, default=2, help="samples per class (2)")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (50)")
     gen.add_argument("--seed", type=int, default=0, help="base seed; sample k of class c uses seed*10^6 + c*1000 + k")
@@ -107,8 +110,13 @@ def _generate(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise EvaluationError(str(error)) from error
+    from .models import default_prompt_set
+
+    prompt_set = args.prompts or default_prompt_set(args.model)
+    num_classes = len(class_names(prompt_set))
+    classes = parse_classes(args.classes or f"0-{num_classes - 1}", num_classes)
     config = GenerateConfig(
-        out=args.out, model=args.model, methods=parse_methods(args.methods), classes=parse_classes(args.classes),
+        out=args.out, model=args.model, methods=parse_methods(args.methods), classes=classes, prompts=prompt_set,
         per_class=args.per_class, steps=args.steps, seed=args.seed, reduction=reduction, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, height=args.height, width=args.width,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, warmup=args.warmup,

@@ -15,8 +15,10 @@ from .metrics import (
     FrechetInceptionDistance,
     PairwiseLPIPS,
     PairwiseMSSSIM,
+    PromptAccuracy,
     load_inception,
     load_lpips,
+    load_prompt_classifier,
 )
 from .models import resolve_device
 
@@ -90,6 +92,17 @@ def _batches(run_dir: Path, method: str, names: list[str], batch_size: int, size
         yield torch.stack(images)
 
 
+def _class_of(name: str) -> int:
+    return int(name.split("_")[0])
+
+
+def _prompt_accuracy(run_dir: Path, method: str, names: list[str], options: EvaluateOptions, classifier) -> float | None:
+    metric = PromptAccuracy(classifier)
+    for start, batch in zip(range(0, len(names), options.batch_size), _batches(run_dir, method, names, options.batch_size, None)):
+        metric.update(batch, [_class_of(n) for n in names[start : start + options.batch_size]])
+    return metric.compute()[0]
+
+
 def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int]:
     """Metrics of one method against the reference, over same-seed pairs."""
     ms_ssim = PairwiseMSSSIM()
@@ -135,6 +148,18 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         unavailable["fid"] = "FID needs at least 2 images per method"
         models.pop("fid")
 
+    prompt_set = manifest.get("config", {}).get("prompts", "imagenet")
+    if prompt_set == "shapes":
+        try:
+            models["prompt_accuracy"] = load_prompt_classifier(device)
+        except MetricUnavailable as error:
+            unavailable["prompt_accuracy"] = str(error)
+    else:
+        unavailable["prompt_accuracy"] = (
+            f"needs the built-in 'shapes' prompt set (this run used {prompt_set!r}): the shipped classifier knows "
+            "only the built-in model's colour-shape classes"
+        )
+
     results: dict[str, dict] = {}
     ms_ssim_scales = None
     for method in methods:
@@ -145,6 +170,10 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
             n = len(ref_names)
         else:
             entry, n, ms_ssim_scales = _compare(run_dir, options, method, ref_names, size, models)
+        entry["prompt_accuracy"] = (
+            _prompt_accuracy(run_dir, method, ref_names, options, models["prompt_accuracy"])
+            if "prompt_accuracy" in models else None
+        )  # fmt: skip
         stats = manifest["methods"].get(method, {})
         timed = stats.get("images_timed", 0)
         entry["sec_per_image"] = stats.get("seconds", 0.0) / timed if timed else None
@@ -153,6 +182,7 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         results[method] = entry
 
     config = dict(manifest.get("config", {}))
+    config.setdefault("prompts", prompt_set)
     config.update(
         reference=options.reference,
         classes=manifest.get("classes"),

@@ -1,4 +1,4 @@
-"""Batch generation over ImageNet class prompts for several methods with the same seeds.
+"""Batch generation over class prompts (ImageNet, or the built-in model's shapes) for several methods, same seeds.
 
 Layout of a run directory::
 
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from prompts import NUM_CLASSES, class_names, prompt
+import prompts
 from tofu_sd import TokenFusionConfig
 
 from .errors import EvaluationError
 from .memory import PeakMemory
 from .methods import method_applied
-from .models import default_size, load_pipeline, resolve_device, resolve_dtype
+from .models import default_prompt_set, default_size, load_pipeline, resolve_device, resolve_dtype
 
 MANIFEST = "manifest.json"
 MAX_PER_CLASS = 1000
@@ -55,25 +55,39 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     scheduler: str | None = None
     warmup: bool = True
+    prompts: str | None = None  #: prompt set (``imagenet``, ``shapes``); None: the model's own (see models.py)
+
+    def __post_init__(self) -> None:
+        if self.prompts is None:
+            self.prompts = default_prompt_set(self.model)
+        if self.prompts not in prompts.PROMPT_SETS:
+            raise EvaluationError(f"unknown --prompts {self.prompts!r}; choose from {', '.join(prompts.PROMPT_SETS)}")
+        count = len(prompts.class_names(self.prompts))
+        if self.classes and max(self.classes) >= count:
+            raise EvaluationError(
+                f"--classes goes up to {max(self.classes)}, but the {self.prompts!r} prompt set has {count} classes "
+                f"(0-{count - 1})"
+            )
 
 
 # Options that change pixels: a run directory keeps the ones it was started with.
-IMAGE_KEYS = ("model", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler")
+IMAGE_KEYS = ("model", "prompts", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler")
 
 
-def parse_classes(text: str) -> list[int]:
-    """``0-999``, ``3``, ``0,5,7-9`` -> sorted class indices in ``[0, 999]``."""
+def parse_classes(text: str, num_classes: int = prompts.NUM_CLASSES) -> list[int]:
+    """``0-999``, ``3``, ``0,5,7-9`` -> sorted class indices in ``[0, num_classes)``."""
     classes: set[int] = set()
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
             lo_i, hi_i = int(lo), int(hi or lo)
-            if not 0 <= lo_i <= hi_i < NUM_CLASSES:
+            if not 0 <= lo_i <= hi_i < num_classes:
                 raise ValueError
             classes.update(range(lo_i, hi_i + 1))
     except ValueError:
         raise EvaluationError(
-            f"bad --classes {text!r}: give class indices in 0-{NUM_CLASSES - 1} as ranges or lists, e.g. 0-999 or 1,5,10-19"
+            f"bad --classes {text!r}: give class indices in 0-{num_classes - 1} as ranges or lists, e.g. "
+            f"0-{num_classes - 1} or 1,5,10-19"
         ) from None
     if not classes:
         raise EvaluationError(f"--classes {text!r} selects no class")
@@ -82,7 +96,7 @@ def parse_classes(text: str) -> list[int]:
 
 def image_seed(seed: int, class_index: int, k: int) -> int:
     """Seed of sample ``k`` of a class: the same for every method, and stable when the run is extended."""
-    return seed * NUM_CLASSES * MAX_PER_CLASS + class_index * MAX_PER_CLASS + k
+    return seed * prompts.NUM_CLASSES * MAX_PER_CLASS + class_index * MAX_PER_CLASS + k
 
 
 def image_name(class_index: int, k: int) -> str:
@@ -144,6 +158,7 @@ def _open_run(config: GenerateConfig, device: torch.device, dtype: torch.dtype) 
         manifest = {"config": image_config, "classes": [], "per_class": 0, "methods": {}}
     else:
         old = manifest.get("config", {})
+        old.setdefault("prompts", "imagenet")  # runs made before prompt sets existed
         # An unset height / width means the model's default, which the run recorded when it started.
         changed = {
             k: (old.get(k), v)
@@ -194,7 +209,7 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
 
     def run_pipe(batch, steps):
         return pipe(
-            prompt=[prompt(c) for c, _ in batch],
+            prompt=[prompts.prompt(c, config.prompts) for c, _ in batch],
             num_inference_steps=steps,
             guidance_scale=config.guidance_scale,
             height=height,
@@ -219,8 +234,9 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
                         seconds = time.perf_counter() - t0
                 for (c, k), image in zip(batch, images):
                     save_png_atomic(image, run_dir / method / image_name(c, k), {
-                        "prompt": prompt(c), "seed": str(image_seed(config.seed, c, k)), "method": method,
-                        "class_index": str(c), "class_name": class_names()[c], "model": config.model,
+                        "prompt": prompts.prompt(c, config.prompts), "seed": str(image_seed(config.seed, c, k)),
+                        "method": method, "class_index": str(c), "class_name": prompts.class_names(config.prompts)[c],
+                        "model": config.model, "prompt_set": config.prompts,
                     })  # fmt: skip
                 stats = manifest["methods"][method]
                 stats["seconds"] += seconds

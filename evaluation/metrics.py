@@ -193,3 +193,42 @@ class PairwiseMSSSIM(_PairwiseMetric):
         return multiscale_structural_similarity_index_measure(
             preds.double(), target.double(), data_range=1.0, betas=betas, reduction="none"
         )
+
+
+class PromptAccuracy:
+    """Fraction of images that a classifier assigns to the class they were prompted with.
+
+    ``update(images, labels)`` takes images in ``[0, 1]`` and their prompted class indices; ``compute()`` returns
+    ``(accuracy, count)``. With the built-in model's shape classifier this is an offline fidelity number: does
+    the picture still show the prompted colour and shape?
+    """
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        self.classifier = classifier
+        self.correct = 0
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, labels: torch.Tensor | list[int]) -> None:
+        images = check_images(images)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"expected one label per image ({images.shape[0]}), got shape {tuple(labels.shape)}")
+        device = next(self.classifier.parameters()).device
+        predicted = self.classifier(images.to(device)).argmax(dim=1).cpu()
+        self.correct += int((predicted == labels).sum())
+        self.count += len(labels)
+
+    def compute(self) -> tuple[float | None, int]:
+        return (self.correct / self.count if self.count else None), self.count
+
+
+def load_prompt_classifier(device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The built-in model's shape classifier; MetricUnavailable if its files are missing."""
+    from .shapes import MODEL_DIR
+    from .shapes.classifier import load_classifier
+
+    try:
+        return load_classifier(MODEL_DIR, device)
+    except FileNotFoundError as error:
+        raise MetricUnavailable(f"{error}; reinstall tofu-sd to get it back") from error

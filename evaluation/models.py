@@ -7,7 +7,9 @@ import torch
 from .errors import EvaluationError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY = "tiny"
+TINY = "tiny"  # the built-in model trained on coloured shapes (evaluation/shapes/model), offline
+TINY_RANDOM = "tiny-random"  # random-weight tiny configs (evaluation/tiny.py): fast, for tests, draws noise
+BUILTIN_MODELS = (TINY, TINY_RANDOM)
 
 # --scheduler names -> diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -47,16 +49,36 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def default_prompt_set(model: str) -> str:
+    """The prompt set a model was made for: its own shape classes for the built-in model, ImageNet otherwise."""
+    return "shapes" if model == TINY else "imagenet"
+
+
+def builtin_model_dir():
+    """The folder of the built-in trained model, installed with the package."""
+    from .shapes import MODEL_DIR
+
+    return MODEL_DIR
+
+
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str | None = None):
     """The text-to-image pipeline of ``model`` on ``device``, with a U-Net, progress bar off."""
     import diffusers
 
-    if model == TINY:
+    if model == TINY_RANDOM:
         from .tiny import tiny_pipeline
 
         pipe = tiny_pipeline()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
+    elif model == TINY:
+        folder = builtin_model_dir()
+        if not (folder / "model_index.json").is_file():
+            raise EvaluationError(
+                f"the built-in model is missing from {folder}; reinstall tofu-sd, or train it with "
+                "`python -m evaluation.shapes.train`"
+            )
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     else:
         try:
             pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, torch_dtype=dtype)

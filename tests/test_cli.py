@@ -10,7 +10,7 @@ from PIL import Image
 from evaluation import generate as generate_module
 from evaluation.cli import main
 
-GENERATE = ["generate", "--model", "tiny", "--methods", "full,tome,tofu", "--classes", "0-2", "--per-class", "2",
+GENERATE = ["generate", "--model", "tiny-random", "--methods", "full,tome,tofu", "--classes", "0-2", "--per-class", "2",
             "--steps", "2", "--batch-size", "4", "--quiet"]  # fmt: skip
 NAMES = [f"{c:04d}_{k}.png" for c in range(3) for k in range(2)]
 
@@ -39,7 +39,7 @@ def test_generate_writes_images_metadata_and_manifest(generated_run):
     with Image.open(generated_run / "full" / "0001_1.png") as full:
         assert full.text["seed"] == image.text["seed"]
     manifest = json.loads((generated_run / "manifest.json").read_text())
-    assert manifest["config"]["model"] == "tiny" and manifest["config"]["reduction"]["ratio"] == 0.5
+    assert manifest["config"]["model"] == "tiny-random" and manifest["config"]["reduction"]["ratio"] == 0.5
     assert manifest["classes"] == [0, 1, 2] and manifest["per_class"] == 2
     assert {"torch", "diffusers", "tomesd", "tofu-sd"} <= set(manifest["versions"])
     for stats in manifest["methods"].values():
@@ -56,14 +56,16 @@ def test_evaluate_report(run_copy, torch_home, capsys):
     report = json.loads((run_copy / "report.json").read_text())
     assert set(report["methods"]) == {"full", "tome", "tofu"}
     assert report["methods"]["full"] | {"sec_per_image": 0, "peak_mem_gb": 0} == {
-        "fid": 0.0, "lpips": 0.0, "lpips_std": 0.0, "ms_ssim": 1.0, "ms_ssim_std": 0.0,
+        "fid": 0.0, "lpips": 0.0, "lpips_std": 0.0, "ms_ssim": 1.0, "ms_ssim_std": 0.0, "prompt_accuracy": None,
         "sec_per_image": 0, "peak_mem_gb": 0, "n_images": 6,
     }  # fmt: skip
     for method in ("tome", "tofu"):
         m = report["methods"][method]
         assert m["fid"] > 0 and 0 < m["lpips"] and 0 < m["ms_ssim"] < 1 and m["n_images"] == 6
         assert m["sec_per_image"] > 0 and m["peak_mem_gb"] > 0
-    assert report["config"]["reference"] == "full" and report["unavailable"] == {}
+    assert report["config"]["reference"] == "full" and report["config"]["prompts"] == "imagenet"
+    # ImageNet prompts: the shipped classifier knows only the shapes, so no prompt accuracy, and the report says why.
+    assert list(report["unavailable"]) == ["prompt_accuracy"] and "'shapes'" in report["unavailable"]["prompt_accuracy"]
     table = (run_copy / "report.md").read_text()
     assert "| tofu |" in table and "Speed-up" in table and "| full | 0.00 | 0.0000 ± 0.0000 | 1.0000" in table
     with Image.open(run_copy / "grid.png") as grid:
@@ -74,7 +76,7 @@ def test_evaluate_report(run_copy, torch_home, capsys):
 def test_evaluate_without_metric_weights_marks_them_unavailable(run_copy, empty_torch_home):
     assert main(["evaluate", str(run_copy)]) == 0
     report = json.loads((run_copy / "report.json").read_text())
-    assert set(report["unavailable"]) == {"fid", "lpips"}
+    assert set(report["unavailable"]) == {"fid", "lpips", "prompt_accuracy"}
     assert "pt_inception-2015-12-05-6726825d.pth" in report["unavailable"]["fid"]
     for m in report["methods"].values():
         assert m["fid"] is None and m["lpips"] is None and m["ms_ssim"] is not None
