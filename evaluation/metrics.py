@@ -47,7 +47,9 @@ def _hub_file(weights: str | Path | None, filename: str):
     weights = Path(weights).expanduser().resolve()
     if not weights.is_file():
         raise MetricUnavailable(f"weights file {weights} does not exist")
-    previous = torch.hub.get_dir()
+    # Restore torch.hub's own setting, not get_dir()'s value: set_dir(get_dir()) would pin the folder and make
+    # torch.hub ignore later changes of TORCH_HOME in this process.
+    previous = getattr(torch.hub, "_hub_dir", None)
     with tempfile.TemporaryDirectory(prefix="tofu_sd_hub_") as tmp:
         (Path(tmp) / "checkpoints").mkdir()
         (Path(tmp) / "checkpoints" / filename).symlink_to(weights)
@@ -55,7 +57,7 @@ def _hub_file(weights: str | Path | None, filename: str):
         try:
             yield
         finally:
-            torch.hub.set_dir(previous)
+            torch.hub._hub_dir = previous
 
 
 def _unavailable(what: str, filename: str, url: str, option: str, error: Exception) -> MetricUnavailable:

@@ -99,10 +99,12 @@ def test_missing_weights_name_file_url_folder_and_option(empty_torch_home):
         load_lpips()
 
 
-def test_weights_from_an_explicit_path(empty_torch_home, metric_weights_dir):
+def test_weights_from_an_explicit_path(empty_torch_home, metric_weights_dir, monkeypatch):
     checkpoints = metric_weights_dir / "hub" / "checkpoints"
     assert load_inception(checkpoints / "pt_inception-2015-12-05-6726825d.pth") is not None
     assert load_lpips(checkpoints / "alexnet-owt-7be5be79.pth") is not None
     assert torch.hub.get_dir() == str(empty_torch_home / "hub")  # the hub folder is restored
+    monkeypatch.setenv("TORCH_HOME", str(metric_weights_dir))  # ... and not pinned: TORCH_HOME still counts
+    assert torch.hub.get_dir() == str(metric_weights_dir / "hub")
     with pytest.raises(MetricUnavailable, match="does not exist"):
         load_inception(checkpoints / "missing.pth")
