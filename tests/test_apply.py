@@ -238,9 +238,10 @@ def test_lora_loaded_unet():
     assert torch.equal(run(unet), with_lora)
 
 
-def test_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("options", [{}, {"matching": "local", "local_window": 5}], ids=["global", "local"])
+def test_torch_compile_without_graph_breaks(options):
     unet = tiny_unet("sd15")
-    tofu_sd.apply(unet)
+    tofu_sd.apply(unet, **options)
     eager = run(unet)
     inputs = tiny_unet_inputs(unet)
     torch._dynamo.reset()

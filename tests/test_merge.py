@@ -205,3 +205,15 @@ def test_same_inputs_same_matching():
     x, dst, src = _random_case(seed=6)
     a, b = bipartite_soft_matching(x, dst, src, 10), bipartite_soft_matching(x, dst, src, 10)
     assert torch.equal(a.restore_idx, b.restore_idx) and torch.equal(a.keep_idx, b.keep_idx)
+
+
+def test_unmerged_sources_pass_through_every_mode_bit_exact():
+    """Average and MLERP sum every group by one scatter-add; a group of one must still be its token exactly."""
+    x, dst, src = _random_case(seed=7)
+    x = x * torch.rand(2, 36, 1) * 7
+    m = bipartite_soft_matching(x, dst, src, 11)
+    n_unm = 36 - 11 - m.num_dst
+    for mode in ("prune", "mean", "mlerp"):
+        out = reduce_tokens(x, m, mode)
+        for b in range(2):
+            assert torch.equal(out[b, :n_unm], x[b, m.keep_idx[b, :n_unm]]), mode

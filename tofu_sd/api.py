@@ -65,7 +65,7 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
         setattr(unet, _ATTR, state)
         return state
     try:
-        call = hooks.CallState()
+        call = hooks.CallState(config, len(sites))
         hooks.register(unet, hooks.TimestepHook(call), hooks.TIMESTEP_HOOK)
         grids: dict[int, hooks.GridState] = {}
         for index, (site, letter) in enumerate(zip(sites, schedule)):
@@ -73,7 +73,7 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
                 grids[id(site.transformer)] = hooks.GridState()
                 hooks.register(site.transformer, hooks.FeatureMapHook(grids[id(site.transformer)]), hooks.FEATURE_MAP_HOOK)
             block_state = hooks.BlockState()
-            matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index, config)
+            matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index)
             hooks.register(site.block, matching, hooks.MATCHING_HOOK)
             hooks.register(site.block.attn1, hooks.SelfAttentionHook(block_state, letter), hooks.SELF_ATTENTION_HOOK)
     except BaseException:
@@ -99,6 +99,8 @@ def apply(
     sy: int = 2,
     use_rand: bool = True,
     seed: int | None = None,
+    matching: str = "global",
+    local_window: int = 3,
 ) -> T:
     """Apply Token Fusion to a Stable Diffusion pipeline or U-Net, in place, and return it.
 
@@ -118,6 +120,9 @@ def apply(
         sx, sy: width and height of the cells that each hold one destination token.
         use_rand: random destination position in each cell (seeded per block and timestep) instead of top-left.
         seed: seed of those positions; ``None`` means 0.
+        matching: ``"global"`` (each source against every destination, exactly ToMe's matching, in chunks so
+            memory stays O(N)) or ``"local"`` (against the destinations of the cells around it; O(N) time).
+        local_window: side, in cells, of local matching's window (odd, default 3: the 3 x 3 cells around).
 
     Raises:
         ValueError: if an option is out of range or the object has no supported U-Net; the model is untouched.
@@ -131,7 +136,8 @@ def apply(
         ```
     """
     config = TokenFusionConfig(
-        ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed
+        ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
+        matching=matching, local_window=local_window,
     )
     apply_token_fusion(unwrap_unet(pipe_or_unet), config)
     _reset_compiled(pipe_or_unet)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
-from .merge import MODES
+import torch
+
+from .merge import MATCHINGS, MODES
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,8 @@ class TokenFusionConfig:
     Args:
         ratio (`float`, defaults to `0.5`):
             Fraction of the tokens removed before self-attention in each patched block: ``r = int(N * ratio)``.
-            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing.
+            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing. Any
+            real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
         schedule (`str`, *optional*):
             How each patched block reduces, one letter per block in forward order: ``P`` pruned merging (drop the
             matched sources), ``A`` average merging, ``M`` MLERP merging (mean direction, largest norm). A single
@@ -32,6 +36,16 @@ class TokenFusionConfig:
         seed (`int`, *optional*):
             Seed of the destination positions when ``use_rand`` is set. ``None`` means ``0``: runs are
             reproducible unless a seed is chosen.
+        matching (`str`, defaults to `"global"`):
+            Where each source token looks for its most similar destination. ``"global"``: among all destinations,
+            exactly as ToMe (computed in chunks of source rows, so memory stays O(N)). ``"local"``: among the
+            destinations of the ``local_window x local_window`` cells around its own cell, O(N) time and memory.
+            Either way the ``r`` most similar pairs are chosen over the whole image.
+        local_window (`int`, defaults to `3`):
+            Side, in cells, of the square window of local matching, centred on the source's cell (tokens in no
+            full cell use the nearest full cell) and clipped at the image border: an odd number >= 1. ``3`` (the
+            cell and its 8 neighbours: 9 candidates, within 2 to 3 tokens with 2x2 cells) keeps the candidates
+            that image tokens' best matches mostly are, at a cost independent of N. Ignored for global matching.
     """
 
     ratio: float = 0.5
@@ -41,9 +55,12 @@ class TokenFusionConfig:
     sy: int = 2
     use_rand: bool = True
     seed: int | None = None
+    matching: str = "global"
+    local_window: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("sx", "sy", "max_downsample"):
+        object.__setattr__(self, "ratio", _real(self.ratio))
+        for name in ("sx", "sy", "max_downsample", "local_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}.")
@@ -51,8 +68,18 @@ class TokenFusionConfig:
             raise ValueError(f"sx and sy must be >= 1, got sx={self.sx}, sy={self.sy}.")
         if self.max_downsample < 1 or self.max_downsample & (self.max_downsample - 1):
             raise ValueError(f"max_downsample must be a power of two (1, 2, 4 or 8), got {self.max_downsample}.")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}.")
+        if self.matching not in MATCHINGS:
+            raise ValueError(
+                f"matching must be 'global' (every destination, as ToMe) or 'local' (destinations of nearby cells), "
+                f"got {self.matching!r}."
+            )
+        if self.local_window < 1 or self.local_window % 2 == 0:
+            raise ValueError(
+                f"local_window must be an odd number of cells >= 1 (a window centred on the source's cell), got "
+                f"{self.local_window}; 3 is the default."
+            )
+        if not isinstance(self.ratio, float):
+            raise ValueError(f"ratio must be a real number in [0, 1), got {self.ratio!r}.")
         limit = 1 - 1 / (self.sx * self.sy)
         if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}; 0.5 is the usual choice.")
@@ -87,3 +114,16 @@ class TokenFusionConfig:
                 f"give one letter per block (or a single letter for all). Patched blocks, in order:\n{listing}"
             )
         return schedule
+
+
+def _real(value):
+    """``value`` as a float if it is a real number (Python, numpy, or a one-element real tensor); else unchanged."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not (value.dtype.is_complex or value.dtype == torch.bool):
+            return float(value.item())
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value

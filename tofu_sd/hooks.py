@@ -16,16 +16,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .config import TokenFusionConfig
-from .merge import (
-    MODES,
-    Matching,
-    bipartite_soft_matching,
-    partition,
-    random_partition,
-    reduce_tokens,
-    restore_tokens,
-    timestep_key,
-)
+from .merge import MODES, BlockPlan, Matching, block_offsets, match, plan_blocks, reduce_tokens, restore_tokens
 
 TIMESTEP_HOOK = "tofu_sd.timestep"
 FEATURE_MAP_HOOK = "tofu_sd.feature_map"
@@ -41,16 +32,44 @@ def _argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
 
 
 class CallState:
-    """What the current U-Net call knows: its timestep, and the partition key derived from it (once per call)."""
+    """What the current U-Net call knows: its timestep, and the plans of all patched blocks, derived once per call
+    and grid (the partitions of all blocks in one batched computation, not one per block)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: TokenFusionConfig, num_blocks: int) -> None:
+        self.config, self.num_blocks = config, num_blocks
         self.timestep: torch.Tensor | float | None = None
-        self.key: torch.Tensor | None = None
+        self.plans: dict[tuple, list[BlockPlan]] = {}
 
-    def partition_key(self, device: torch.device) -> torch.Tensor:
-        if self.key is None or self.key.device != device:
-            self.key = timestep_key(self.timestep, device)
-        return self.key
+    def start(self, timestep) -> None:
+        self.timestep, self.plans = timestep, {}
+
+    def plan(self, index: int, h: int, w: int, x: torch.Tensor) -> BlockPlan:
+        """The plan of block ``index`` on an ``h x w`` grid for tokens ``x``, computed with its siblings'."""
+        batch, device = x.shape[0], x.device
+        cache_key = (h, w, batch, device, x.dtype)
+        plans = self.plans.get(cache_key)
+        if plans is None:
+            c = self.config
+            offsets = None
+            if c.use_rand:
+                streams = tuple(range(self.num_blocks))
+                offsets = block_offsets(h // c.sy, w // c.sx, c.sx * c.sy, c.seed or 0, streams, self._key(device))
+            plans = plan_blocks(
+                h, w, c.sx, c.sy, batch, int(h * w * c.ratio), offsets, device, blocks=self.num_blocks,
+                local_window=c.local_window if c.matching == "local" else None, dtype=x.dtype,
+            )  # fmt: skip
+            self.plans[cache_key] = plans
+        return plans[index]
+
+    def _key(self, device: torch.device) -> torch.Tensor:
+        """The timestep quantized to 1/64 (as :func:`tofu_sd.merge.timestep_key`; the hash keeps its low 32 bits)."""
+        t = self.timestep
+        if t is None:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        t = torch.as_tensor(t, device=device).reshape(-1)[0]
+        if t.is_floating_point():
+            return (t.float() * 64).round().long()  # .float() is free for float32 timesteps
+        return t * 64  # integer timesteps (below 2**24, so exact in float32 too): the same key, one operation
 
 
 class GridState:
@@ -76,8 +95,12 @@ class TimestepHook(ModelHook):
         self.call = call
 
     def pre_forward(self, module, *args, **kwargs):
-        self.call.timestep, self.call.key = _argument(args, kwargs, 1, "timestep"), None
+        self.call.start(_argument(args, kwargs, 1, "timestep"))
         return args, kwargs
+
+    def post_forward(self, module, output):
+        self.call.start(None)  # free the call's plans
+        return output
 
 
 class FeatureMapHook(ModelHook):
@@ -100,23 +123,16 @@ class FeatureMapHook(ModelHook):
 class MatchingHook(ModelHook):
     """Bipartite soft matching on the block's input hidden states X, once per block call, for the whole batch."""
 
-    def __init__(self, call: CallState, grid: GridState, state: BlockState, index: int, config: TokenFusionConfig):
+    def __init__(self, call: CallState, grid: GridState, state: BlockState, index: int):
         super().__init__()
-        self.call, self.grid, self.state, self.index, self.config = call, grid, state, index, config
-
-    def _partition(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        if c.use_rand:
-            return random_partition(h, w, c.sx, c.sy, c.seed or 0, self.index, self.call.partition_key(device))
-        return partition(h, w, c.sx, c.sy, device=device)
+        self.call, self.grid, self.state, self.index = call, grid, state, index
 
     def pre_forward(self, module, *args, **kwargs):
         x = _argument(args, kwargs, 0, "hidden_states")
         self.state.matching, self.state.reduced = None, False
         grid = self.grid.grid
         if grid is not None and x.ndim == 3 and grid[0] * grid[1] == x.shape[1]:
-            dst_pos, src_pos = self._partition(grid[0], grid[1], x.device)
-            self.state.matching = bipartite_soft_matching(x, dst_pos, src_pos, int(x.shape[1] * self.config.ratio))
+            self.state.matching = match(x, self.call.plan(self.index, grid[0], grid[1], x))
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -157,14 +173,14 @@ def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
-def unregister_all(root: torch.nn.Module) -> bool:
-    """Remove every Token Fusion hook under ``root``; True if any was there."""
+def unregister_all(root: torch.nn.Module, names: tuple[str, ...] = HOOK_NAMES) -> bool:
+    """Remove every hook named in ``names`` (default: Token Fusion's) under ``root``; True if any was there."""
     found = False
     for module in root.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is None:
             continue
-        for name in HOOK_NAMES:
+        for name in names:
             if registry.get_hook(name) is not None:
                 registry.remove_hook(name, recurse=False)
                 found = True
