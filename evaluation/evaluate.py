@@ -21,6 +21,7 @@ from .metrics import (
     load_prompt_classifier,
 )
 from .models import resolve_device
+from .report import pareto_data
 
 
 @dataclass
@@ -191,5 +192,8 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         peak_mem_kind=next((s.get("peak_mem_kind") for s in manifest["methods"].values() if s.get("peak_mem_kind")), None),
         ms_ssim_scales=ms_ssim_scales,
         metric_weights={"fid": options.fid_weights or "torch hub cache", "lpips": options.lpips_weights or "torch hub cache"},
+        method_params={m: manifest["methods"].get(m, {}).get("params") for m in methods},
     )
-    return {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
+    report = {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
+    report["pareto"] = pareto_data(report)
+    return report

@@ -1,0 +1,132 @@
+"""ToDo (token downsampling) as a peer baseline: this project's re-implementation from the paper's description.
+
+Smith et al. 2024, "ToDo: Token Downsampling for Efficient Generation of High-Resolution Images": in the
+U-Net's highest-resolution transformer blocks, self-attention keeps every query but takes its keys and values
+from a downsampled token grid. Here the grid is average-pooled in ``ky x kx`` windows (2x2 by default), so with
+N queries on an ``h x w`` grid attention sees ``ceil(h / ky) * ceil(w / kx)`` keys:
+
+    attn1(X) = softmax(Q K_p^T / sqrt(d)) V_p,   Q = X W_q,  K_p = P W_k,  V_p = P W_v,  P = avgpool(X)
+
+with the module's own projections, heads and output projection. Windows that overhang a grid whose size is not
+a multiple of the pooling average the tokens they cover.
+
+It is wired into each patched block's ``attn1`` with a diffusers hook that passes the pooled tokens as
+``encoder_hidden_states`` (for self-attention modules diffusers' processors take keys and values from it, with
+no cross-attention norm), so diffusers' own block and attention code runs unchanged. The grid's height and width
+come from the input of the ``Transformer2DModel`` holding the block, as for Token Fusion. This is a peer
+baseline for the evaluation, not part of the ``tofu_sd`` plugin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
+from tofu_sd.hooks import FeatureMapHook, GridState, register, unregister_all
+
+GRID_HOOK = "evaluation.todo.feature_map"
+POOL_HOOK = "evaluation.todo.pooled_keys"
+HOOK_NAMES = (GRID_HOOK, POOL_HOOK)
+_ATTR = "_evaluation_todo"
+
+DEFAULT_POOL = (2, 2)
+# Poolings (ky, kx) a --ratios value is mapped to: the one whose fraction of keys removed is nearest.
+SWEEP_POOLS = ((1, 2), (2, 2), (2, 4), (4, 4))
+
+
+def keys_removed(pool: tuple[int, int]) -> float:
+    """Fraction of the keys (and values) that ``ky x kx`` pooling removes on a grid divisible by it."""
+    ky, kx = pool
+    return 1 - 1 / (ky * kx)
+
+
+def pool_for_ratio(ratio: float) -> tuple[int, int] | None:
+    """The pooling of :data:`SWEEP_POOLS` whose keys-removed fraction is nearest ``ratio``; ``None`` when no
+    pooling at all (0 removed) is nearer, i.e. for ratios under 0.25."""
+    candidates = [(0.0, None)] + [(keys_removed(p), p) for p in SWEEP_POOLS]
+    return min(candidates, key=lambda c: (abs(c[0] - ratio), c[0]))[1]
+
+
+def pool_tokens(x: torch.Tensor, grid: tuple[int, int], pool: tuple[int, int]) -> torch.Tensor:
+    """Average-pool ``(B, h*w, C)`` row-major tokens in ``ky x kx`` windows -> ``(B, ceil(h/ky)*ceil(w/kx), C)``."""
+    b, n, c = x.shape
+    h, w = grid
+    image = x.transpose(1, 2).reshape(b, c, h, w)
+    # ceil_mode with no padding: an overhanging window averages only the tokens it covers.
+    pooled = F.avg_pool2d(image, kernel_size=pool, stride=pool, ceil_mode=True)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+class PooledKeysHook(ModelHook):
+    """Gives a self-attention module pooled keys and values; queries (and so outputs) stay one per token."""
+
+    def __init__(self, grid: GridState, pool: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid, self.pool = grid, pool
+        self.calls = 0  #: calls that ran on pooled keys (for tests and diagnostics)
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = _argument(args, kwargs, 0, "hidden_states")
+        grid = self.grid.grid
+        if (
+            grid is None
+            or x.ndim != 3
+            or grid[0] * grid[1] != x.shape[1]
+            or _argument(args, kwargs, 1, "encoder_hidden_states") is not None  # cross-attention: not ours
+            or _argument(args, kwargs, 2, "attention_mask") is not None  # a mask is laid out for all keys
+        ):
+            return args, kwargs
+        pooled = pool_tokens(x, grid, self.pool)
+        self.calls += 1
+        kwargs = dict(kwargs)
+        if len(args) > 1:  # encoder_hidden_states given positionally (as None)
+            args = (args[0], pooled, *args[2:])
+        else:
+            kwargs["encoder_hidden_states"] = pooled
+        return args, kwargs
+
+
+def apply_todo(pipe_or_unet, pool: tuple[int, int] = DEFAULT_POOL, max_downsample: int = 1) -> list[str]:
+    """Hook ToDo into the same blocks Token Fusion patches; returns their names. Replaces an earlier ToDo patch."""
+    unet = unwrap_unet(pipe_or_unet)
+    sites = select_sites(transformer_block_sites(unet), max_downsample)
+    if not sites:
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to apply ToDo to")
+    remove_todo(unet)
+    grids: dict[int, GridState] = {}
+    try:
+        for site in sites:
+            if id(site.transformer) not in grids:
+                grids[id(site.transformer)] = GridState()
+                register(site.transformer, FeatureMapHook(grids[id(site.transformer)]), GRID_HOOK)
+            register(site.block.attn1, PooledKeysHook(grids[id(site.transformer)], tuple(pool)), POOL_HOOK)
+    except BaseException:
+        remove_todo(unet)
+        raise
+    names = [site.name for site in sites]
+    setattr(unet, _ATTR, {"pool": tuple(pool), "blocks": names})
+    return names
+
+
+def remove_todo(pipe_or_unet) -> bool:
+    """Remove ToDo's hooks (and only them); True if any was there. The model is then exactly as before."""
+    unet = unwrap_unet(pipe_or_unet)
+    found = unregister_all(unet, HOOK_NAMES)
+    if hasattr(unet, _ATTR):
+        delattr(unet, _ATTR)
+    return found
+
+
+def pooled_key_count(grid: tuple[int, int], pool: tuple[int, int]) -> int:
+    """Number of keys ToDo leaves on an ``h x w`` grid."""
+    return math.ceil(grid[0] / pool[0]) * math.ceil(grid[1] / pool[1])
