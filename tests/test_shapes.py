@@ -1,5 +1,6 @@
 """The built-in model: its procedural data, its training loop (resume), and the shipped weights (load, denoise, classify)."""
 
+import json
 import math
 
 import numpy as np
@@ -108,6 +109,24 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert (tmp_path / "resumed_model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     log = (tmp_path / "resumed" / "loss_unet.csv").read_text().splitlines()
     assert log[0] == "step,loss" and len(log) == 1 + small["unet_steps"]
+
+    # --classifier-only on the finished model trains the same classifier again (same data, VAE and seeds) and
+    # replaces it in the model folder, recording how.
+    from evaluation.shapes.classifier import load_classifier
+
+    model = tmp_path / "full_model"
+    before = load_classifier(model).state_dict()
+    (model / "classifier.safetensors").unlink()
+    config = train.TrainConfig(work_dir=str(tmp_path / "again"), out=str(model), **small)
+    train.retrain_classifier(config, progress=False)
+    for name, value in load_classifier(model).state_dict().items():
+        assert torch.equal(value, before[name]), name
+    summary = json.loads((model / "training.json").read_text())
+    assert summary["classifier_trained_separately"]["command"] == "--classifier-only"
+    assert summary["config"]["classifier_steps"] == small["classifier_steps"]
+    assert (model / "loss_classifier.png").is_file() and (model / "unet" / "config.json").is_file()
+    with pytest.raises(SystemExit, match="no finished model"):
+        train.retrain_classifier(train.TrainConfig(work_dir=str(tmp_path / "x"), out=str(tmp_path / "none")), progress=False)
 
 
 def test_training_refuses_other_options_in_the_same_work_dir(tmp_path):

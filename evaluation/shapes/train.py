@@ -14,6 +14,12 @@ with the same command; finished stages are skipped):
 6. ``export``: a ``StableDiffusionPipeline`` saved with ``save_pretrained`` (safetensors) into ``--out``, the
    classifier, ``training.json`` (configuration, losses, wall times) and ``loss.png``.
 
+The classifier alone can be trained again on a finished model (its VAE's reconstructions are part of its
+training data), in a ``classifier-only`` folder of ``--work-dir``; this replaces the classifier files in
+``--out`` and updates ``training.json`` (the shipped classifier was made this way, 4000 steps)::
+
+    python -m evaluation.shapes.train --classifier-only --work-dir ~/.cache/tofu-sd/shapes-train
+
 Every random choice of step ``s`` (which pictures, which noise, which timesteps) is drawn from generators seeded
 with ``(seed, stage, s)``, so a resumed run takes the same batches as an uninterrupted one.
 """
@@ -33,8 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-
-from prompts.shapes import COLOURS, SHAPES
 
 from .classifier import ShapeClassifier
 from .data import NUM_CLASSES, SIZE, caption, draw_dataset
@@ -90,7 +94,7 @@ class TrainConfig:
     unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 6e-4
-    classifier_steps: int = 800
+    classifier_steps: int = 4000
     classifier_batch: int = 64
     caption_dropout: float = 0.1
     checkpoint_every: int = 100
@@ -302,7 +306,7 @@ class Trainer:
             optimizer.step()
             if ema is not None:
                 ema.step([p for g in optimizer.param_groups for p in g["params"]])
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 raise SystemExit(f"{stage}: loss became {value} at step {step}; lower the learning rate")
             log.append((step, value))
@@ -492,14 +496,61 @@ class Trainer:
         print(json.dumps(summary, indent=2))
 
 
+def retrain_classifier(config: TrainConfig, progress: bool = True) -> dict:
+    """Train the classifier again for the finished model in ``config.out`` (its VAE), and replace it there."""
+    from diffusers import AutoencoderKL
+
+    out = Path(config.out)
+    summary_path = out / "training.json"
+    if not (out / "vae").is_dir() or not summary_path.is_file():
+        raise SystemExit(f"{out} holds no finished model (vae/ and training.json); train the whole model first")
+    sub = TrainConfig(**{**asdict(config), "work_dir": str(Path(config.work_dir).expanduser() / "classifier-only")})
+    trainer = Trainer(sub, progress=progress)
+    trainer.vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    if "data" in trainer.state["done"]:
+        trainer._load_data()
+    else:
+        trainer.stage_data()
+        trainer.state["done"].append("data")
+    with torch.no_grad():  # the classifier stage decodes the means of the first pictures' latents
+        count = min(len(trainer.images), 3000)
+        trainer.latents = {"mean": torch.cat([
+            trainer.vae.encode(_to_unit(trainer.images[s : min(s + 256, count)])).latent_dist.mean
+            for s in range(0, count, 256)
+        ])}  # fmt: skip
+    start = time.perf_counter()
+    trainer.stage_classifier()
+    seconds = time.perf_counter() - start
+    trainer._save_state()
+    tmp = out.with_name(f".{out.name}.classifier.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainer.classifier.eval().save(tmp)
+    log = torch.load(trainer.work / "classifier.ckpt", weights_only=False)["log"]
+    _plot_losses({"classifier": log}, tmp / "loss_classifier.png")
+    summary = json.loads(summary_path.read_text())
+    summary["config"]["classifier_steps"] = config.classifier_steps
+    summary["config"]["classifier_batch"] = config.classifier_batch
+    summary["seconds"]["classifier"] = seconds
+    summary["classifier_val_accuracy"] = trainer.state["classifier_val_accuracy"]
+    summary["final_loss_mean_last_100"]["classifier"] = float(np.mean([v for _, v in log[-100:]]))
+    summary["classifier_trained_separately"] = {"command": "--classifier-only", "threads": torch.get_num_threads()}
+    (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for path in tmp.iterdir():
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+    print(json.dumps({k: summary[k] for k in ("classifier_val_accuracy",)} | {"seconds": seconds}, indent=2))
+    return summary
+
+
 def _plot_losses(losses: dict[str, list[tuple[int, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 3.2))
-    for ax, (stage, log) in zip(axes, losses.items()):
+    fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 3.2), squeeze=False)
+    for ax, (stage, log) in zip(axes[0], losses.items()):
         steps = np.array([s for s, _ in log])
         values = np.array([v for _, v in log])
         ax.plot(steps, values, color="0.8", lw=0.6, label="per step")
@@ -523,12 +574,19 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("work_dir", "out"):
             parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--classifier-only", action="store_true",
+        help="train only the classifier, for the finished model in --out, and replace it there",
+    )  # fmt: skip
     args = vars(parser.parse_args(argv))
-    quiet = args.pop("quiet")
+    quiet, classifier_only = args.pop("quiet"), args.pop("classifier_only")
     config = TrainConfig(**args)
     if config.threads:
         torch.set_num_threads(config.threads)
-    Trainer(config, progress=not quiet).run()
+    if classifier_only:
+        retrain_classifier(config, progress=not quiet)
+    else:
+        Trainer(config, progress=not quiet).run()
     return 0
 
 
