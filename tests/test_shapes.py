@@ -12,8 +12,6 @@ from evaluation.shapes import data as shapes_data
 from prompts import class_names, prompt
 from prompts.shapes import COLOURS, SHAPES
 
-SHIPPED = (MODEL_DIR / "model_index.json").is_file()
-needs_model = pytest.mark.skipif(not SHIPPED, reason="the built-in model has not been trained into evaluation/shapes/model")
 
 
 # ---------------------------------------------------------------- data
@@ -147,7 +145,6 @@ def shipped():
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, local_files_only=True)
 
 
-@needs_model
 def test_shipped_model_is_small_and_shaped_like_sd(shipped):
     sizes = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
     assert sizes <= 40 * 2**20
@@ -162,14 +159,12 @@ def test_shipped_model_is_small_and_shaped_like_sd(shipped):
         tofu_sd.remove(shipped)
 
 
-@needs_model
 def test_tokenizer_makes_each_caption_word_one_token(shipped):
     for c in range(48):
         words = prompt(c, "shapes").lower().replace("-", " - ").replace(".", " .").split()
         assert len(shipped.tokenizer(prompt(c, "shapes")).input_ids) == len(words) + 2
 
 
-@needs_model
 @torch.no_grad()
 def test_shipped_model_denoises_and_follows_the_prompt(shipped):
     """At a middle timestep the U-Net's noise estimate beats the trivial one by far, and the right caption helps."""
@@ -191,7 +186,6 @@ def test_shipped_model_denoises_and_follows_the_prompt(shipped):
     assert right < 0.9 * wrong
 
 
-@needs_model
 def test_shipped_classifier_recognises_fresh_pictures():
     from evaluation.metrics import PromptAccuracy, load_prompt_classifier
 
@@ -204,3 +198,17 @@ def test_shipped_classifier_recognises_fresh_pictures():
         metric.update(torch.zeros(2, 3, 64, 64), [1])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         metric.update(torch.full((1, 3, 64, 64), 2.0), [1])
+
+
+def test_a_non_editable_install_ships_every_model_file():
+    """pyproject's package data covers each file of the model folder, so ``pip install .`` has the model too."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["evaluation.shapes"]
+    files = [p.relative_to(MODEL_DIR.parent).as_posix() for p in MODEL_DIR.rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for name in files:  # setuptools' globs: "*" never crosses a "/"
+        assert any(fnmatch.fnmatch(name, pat) and name.count("/") == pat.count("/") for pat in patterns), name
