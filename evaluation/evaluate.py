@@ -21,6 +21,7 @@ from .metrics import (
     load_prompt_classifier,
 )
 from .models import resolve_device
+from .paired import paired_comparisons
 from .report import pareto_data
 
 
@@ -97,15 +98,16 @@ def _class_of(name: str) -> int:
     return int(name.split("_")[0])
 
 
-def _prompt_accuracy(run_dir: Path, method: str, names: list[str], options: EvaluateOptions, classifier) -> float | None:
+def _prompt_accuracy(run_dir: Path, method: str, names: list[str], options: EvaluateOptions, classifier):
+    """The method's prompt accuracy and its per-image hits (1 or 0, in ``names`` order)."""
     metric = PromptAccuracy(classifier)
     for start, batch in zip(range(0, len(names), options.batch_size), _batches(run_dir, method, names, options.batch_size, None)):
         metric.update(batch, [_class_of(n) for n in names[start : start + options.batch_size]])
-    return metric.compute()[0]
+    return metric.compute()[0], metric.hits
 
 
-def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int]:
-    """Metrics of one method against the reference, over same-seed pairs."""
+def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int, dict]:
+    """Metrics of one method against the reference, over same-seed pairs, and the per-pair scores."""
     ms_ssim = PairwiseMSSSIM()
     lpips = PairwiseLPIPS(models["lpips"]) if "lpips" in models else None
     fid = FrechetInceptionDistance(models["fid"]) if "fid" in models else None
@@ -126,7 +128,10 @@ def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, 
         entry["lpips"], entry["lpips_std"], _ = lpips.compute()
     if fid is not None:
         entry["fid"] = fid.compute()
-    return entry, n, ms_ssim.scales
+    per_pair = {"ms_ssim": ms_ssim.per_pair()}
+    if lpips is not None:
+        per_pair["lpips"] = lpips.per_pair()
+    return entry, n, ms_ssim.scales, per_pair
 
 
 def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
@@ -162,6 +167,7 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         )
 
     results: dict[str, dict] = {}
+    per_pair: dict[str, dict[str, list[float]]] = {}
     ms_ssim_scales = None
     for method in methods:
         if method == options.reference:  # trivial by definition: no need to compare a set with itself
@@ -169,12 +175,14 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
             entry = {"fid": 0.0 if "fid" in models else None, "lpips": 0.0 if has_lpips else None,
                      "lpips_std": 0.0 if has_lpips else None, "ms_ssim": 1.0, "ms_ssim_std": 0.0}  # fmt: skip
             n = len(ref_names)
+            per_pair[method] = {}
         else:
-            entry, n, ms_ssim_scales = _compare(run_dir, options, method, ref_names, size, models)
-        entry["prompt_accuracy"] = (
-            _prompt_accuracy(run_dir, method, ref_names, options, models["prompt_accuracy"])
-            if "prompt_accuracy" in models else None
-        )  # fmt: skip
+            entry, n, ms_ssim_scales, per_pair[method] = _compare(run_dir, options, method, ref_names, size, models)
+        entry["prompt_accuracy"] = None
+        if "prompt_accuracy" in models:
+            entry["prompt_accuracy"], per_pair[method]["prompt_accuracy"] = _prompt_accuracy(
+                run_dir, method, ref_names, options, models["prompt_accuracy"]
+            )
         stats = manifest["methods"].get(method, {})
         timed = stats.get("images_timed", 0)
         entry["sec_per_image"] = stats.get("seconds", 0.0) / timed if timed else None
@@ -196,4 +204,6 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     )
     report = {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
     report["pareto"] = pareto_data(report)
+    report["per_pair"] = per_pair
+    report["paired"] = paired_comparisons(per_pair, options.reference)
     return report

@@ -141,6 +141,10 @@ class _PairwiseMetric:
             raise ValueError(f"image pairs differ in shape: {tuple(preds.shape)} vs {tuple(target.shape)}")
         self.values.append(self._score(preds, target).detach().double().cpu().reshape(-1))
 
+    def per_pair(self) -> list[float]:
+        """Every pair's score, in update order."""
+        return torch.cat(self.values).tolist() if self.values else []
+
     def compute(self) -> tuple[float, float, int]:
         values = torch.cat(self.values) if self.values else torch.zeros(0, dtype=torch.float64)
         if not values.numel():
@@ -209,6 +213,7 @@ class PromptAccuracy:
         self.classifier = classifier
         self.correct = 0
         self.count = 0
+        self.hits: list[int] = []  #: 1 or 0 per image, in update order
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, labels: torch.Tensor | list[int]) -> None:
@@ -218,7 +223,9 @@ class PromptAccuracy:
             raise ValueError(f"expected one label per image ({images.shape[0]}), got shape {tuple(labels.shape)}")
         device = next(self.classifier.parameters()).device
         predicted = self.classifier(images.to(device)).argmax(dim=1).cpu()
-        self.correct += int((predicted == labels).sum())
+        hits = (predicted == labels).long()
+        self.hits += hits.tolist()
+        self.correct += int(hits.sum())
         self.count += len(labels)
 
     def compute(self) -> tuple[float | None, int]:

@@ -11,6 +11,7 @@ from prompts import class_names
 
 from .generate import write_json_atomic
 from .models import BUILTIN_MODELS
+from .paired import markdown_lines as paired_markdown
 
 
 def _fmt(value, digits: int) -> str:
@@ -85,6 +86,7 @@ def markdown(report: dict) -> str:
             "Each panel plots one fidelity metric against seconds per image; a line joins a method's ratios "
             f"(labelled), the star is `{config['reference']}`. The numbers are under `pareto` in report.json.",
         ]
+    lines += paired_markdown(report.get("paired") or [])
     for metric, reason in report.get("unavailable", {}).items():
         lines += ["", f"**{metric.upper()} unavailable**: {reason}"]
     return "\n".join(lines) + "\n"

@@ -192,3 +192,16 @@ def test_model_from_a_local_diffusers_folder(tmp_path, tiny_pipe_factory):
     assert (out / "tofu" / "0005_0.png").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["model"] == str(folder) and manifest["config"]["model_class"] == "StableDiffusionPipeline"
+
+
+def test_evaluate_reports_paired_differences(run_copy):
+    assert main(["evaluate", str(run_copy)]) == 0
+    report = json.loads((run_copy / "report.json").read_text())
+    n = report["methods"]["tome"]["n_images"]
+    assert [len(report["per_pair"][m]["ms_ssim"]) for m in ("tome", "tofu")] == [n, n]
+    (comp,) = [c for c in report["paired"] if c["metric"] == "ms_ssim"]
+    assert (comp["a"], comp["b"], comp["n"]) == ("tome", "tofu", n)
+    tome, tofu = report["per_pair"]["tome"]["ms_ssim"], report["per_pair"]["tofu"]["ms_ssim"]
+    assert comp["mean_diff"] == pytest.approx(sum(tome) / n - sum(tofu) / n)
+    assert sum(tome) / n == pytest.approx(report["methods"]["tome"]["ms_ssim"])
+    assert "## Paired differences between methods" in (run_copy / "report.md").read_text()

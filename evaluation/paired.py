@@ -1,0 +1,97 @@
+"""Paired comparisons between methods: is one method's fidelity really different from another's?
+
+Every method of a run makes the same (class, sample) images with the same seeds, so two methods' per-image
+scores (MS-SSIM or LPIPS against the reference, prompt-classifier hits) form pairs. The mean of the per-pair
+differences, with its standard error, tells a real difference from seed-to-seed noise far better than two
+means with their standard deviations: most of the variation between images is shared by both methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+#: Per-pair metrics: key, label, True if higher is better.
+METRICS = (("ms_ssim", "MS-SSIM", True), ("lpips", "LPIPS", False), ("prompt_accuracy", "prompt hit", True))
+#: |z| at or above this counts as a clear difference (about 95% two-sided under a normal approximation).
+Z_CLEAR = 2.0
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean of ``a[i] - b[i]``, its standard error (sample standard deviation / sqrt(n)) and ``z = mean / se``.
+
+    ``se`` is None for fewer than 2 pairs; ``z`` is None when ``se`` is None or 0 (identical differences).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("no pairs to compare")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n
+    se = None
+    if n > 1:
+        se = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    z = mean / se if se else None
+    return {"mean_diff": mean, "se": se, "z": z, "n": n}
+
+
+def _group(name: str) -> str:
+    """Methods are compared within a ratio: the text after '@' (empty for one-ratio names)."""
+    return name.partition("@")[2]
+
+
+def paired_comparisons(per_pair: dict[str, dict[str, list[float]]], reference: str) -> list[dict]:
+    """Every two non-reference methods with the same ratio suffix, per metric that both have, in method order.
+
+    ``per_pair`` maps a method to its per-image scores by metric (all in the same image order). Each entry has
+    ``a``, ``b``, ``metric``, ``higher_is_better`` and :func:`paired_difference`'s keys for ``a - b``.
+    """
+    methods = [m for m in per_pair if m != reference]
+    out = []
+    for a, b in itertools.combinations(methods, 2):
+        if _group(a) != _group(b):
+            continue
+        for key, _, higher in METRICS:
+            va, vb = per_pair[a].get(key), per_pair[b].get(key)
+            if va and vb:
+                out.append({"a": a, "b": b, "metric": key, "higher_is_better": higher, **paired_difference(va, vb)})
+    return out
+
+
+def verdict(entry: dict) -> str:
+    """Which method the difference favours, or that it is within noise (``|z| < Z_CLEAR``)."""
+    z = entry["z"]
+    if z is None:
+        return "identical" if entry["mean_diff"] == 0 else "n/a"
+    if abs(z) < Z_CLEAR:
+        return "within noise"
+    better_a = (entry["mean_diff"] > 0) == entry["higher_is_better"]
+    return f"{entry['a'] if better_a else entry['b']} better"
+
+
+def markdown_lines(comparisons: list[dict]) -> list[str]:
+    """A report.md section for the comparisons (nothing when there are none)."""
+    if not comparisons:
+        return []
+    labels = {key: label for key, label, _ in METRICS}
+    lines = [
+        "",
+        "## Paired differences between methods (same seeds)",
+        "",
+        "| a − b | metric | mean difference | standard error | z | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        se = "n/a" if c["se"] is None else f"{c['se']:.4f}"
+        z = "n/a" if c["z"] is None else f"{c['z']:+.2f}"
+        lines.append(f"| {c['a']} − {c['b']} | {labels[c['metric']]} | {c['mean_diff']:+.4f} | {se} | {z} | {verdict(c)} |")
+    lines += [
+        "",
+        f"Per image pair (same class and seed), a's score minus b's; standard error = standard deviation of the "
+        f"differences / sqrt(n). |z| >= {Z_CLEAR:g} (about 95%, normal approximation) counts as a clear "
+        "difference. Prompt hit: 1 if the classifier names the prompted class, else 0. Methods are compared "
+        "within the same ratio.",
+    ]
+    return lines
