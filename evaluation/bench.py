@@ -26,10 +26,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.hooks import ModelHook
 
-import tofu_sd
 from tofu_sd import TokenFusionConfig, hooks
 from tofu_sd.blocks import select_sites, transformer_block_sites
-from tofu_sd.merge import block_offsets, match, plan_blocks, reduce_tokens, restore_tokens, timestep_key
+from tofu_sd.merge import MODES, block_offsets, match, plan_blocks, reduce_tokens, restore_tokens, timestep_key
 
 from .memory import PeakMemory
 from .methods import CATOME_BARE_STEPS, CATOME_CACHE, CATOME_INSTALL, method_applied
@@ -150,30 +149,6 @@ def variant_applied(unet, variant: str, ratio: float):
     """Patch ``unet`` as ``variant`` says for the duration of the block."""
     if variant == "full":
         yield
-    elif variant == "tome":
-        import tomesd
-
-        finest = min(s.downsample for s in transformer_block_sites(unet))
-        tomesd.apply_patch(unet, ratio=ratio, max_downsample=finest)  # same blocks as tofu_sd's default
-        try:
-            yield
-        finally:
-            tomesd.remove_patch(unet)
-    elif variant.startswith("tofu"):
-        suffix = variant.partition("-")[2]
-        if variant == "tofu-local":
-            tofu_sd.apply(unet, ratio=ratio, matching="local")
-        else:
-            tofu_sd.apply(unet, ratio=ratio, schedule=suffix or None)
-        try:
-            yield
-        finally:
-            tofu_sd.remove(unet)
-    elif variant in ("todo", "catome"):
-        # ToDo pools keys and values 2x2 (75% of them removed) whatever the ratio; CA-ToMe merges by a similarity
-        # threshold. Both on the same blocks as tofu_sd's default.
-        with method_applied(unet, variant, TokenFusionConfig(ratio=ratio)):
-            yield
     elif variant == "oracle":
         attns = [site.block.attn1 for site in select_sites(transformer_block_sites(unet), 1)]
         for attn in attns:
@@ -183,6 +158,15 @@ def variant_applied(unet, variant: str, ratio: float):
         finally:
             for attn in attns:
                 attn._diffusers_hook.remove_hook("tofu_sd.oracle", recurse=False)
+    elif variant in VARIANTS:
+        # The same patches as `tofu-sd generate`'s methods (tome on tofu_sd's blocks; todo pools keys and values
+        # 2x2, 75% of them removed, whatever the ratio; catome merges by a similarity threshold); tofu-P/-A/-M
+        # are tofu with one letter for every block.
+        method, _, letter = variant.partition("-")
+        schedule = letter if method == "tofu" and letter in MODES else None
+        name = "tofu" if schedule else variant
+        with method_applied(unet, name, TokenFusionConfig(ratio=ratio, schedule=schedule)):
+            yield
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
@@ -240,6 +224,7 @@ def time_steps(unet, inputs: dict, variants: list[str], ratio: float, reps: int,
         return time.perf_counter() - t0
 
     catome = {"compute_s": [], "cached_s": []}
+    share = catome_compute_fraction() if "catome" in variants else None
     for _ in range(reps):
         for variant in variants:
             with variant_applied(unet, variant, ratio):
@@ -252,13 +237,12 @@ def time_steps(unet, inputs: dict, variants: list[str], ratio: float, reps: int,
                 # rest. Time the first step of a fresh schedule (matching) and the second (cached), and weigh
                 # them as a CATOME_BARE_STEPS-step schedule does.
                 compute, cached = timed(), timed()
-                share = catome_compute_fraction()
                 catome["compute_s"].append(compute)
                 catome["cached_s"].append(cached)
                 times[variant].seconds.append(share * compute + (1 - share) * cached)
     summaries = {v: t.summary() for v, t in times.items()}
     if "catome" in summaries:
-        summaries["catome"].update(catome, compute_fraction=catome_compute_fraction(), schedule_steps=CATOME_BARE_STEPS)
+        summaries["catome"].update(catome, compute_fraction=share, schedule_steps=CATOME_BARE_STEPS)
     return summaries, kind
 
 

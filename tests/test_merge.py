@@ -66,6 +66,10 @@ def test_random_partition_is_partition_at_seeded_offsets():
 def test_timestep_key_takes_first_of_batched_timesteps():
     assert timestep_key(torch.tensor([999, 999]), "cpu") == timestep_key(999, "cpu")
     assert timestep_key(999.5, "cpu") != timestep_key(999, "cpu")
+    # Integer timesteps of any width get the key of the same float timestep, as int64 (no overflow in the hash).
+    for t in (torch.tensor(999, dtype=torch.int32), torch.tensor(999), 999, torch.tensor(999.0)):
+        key = timestep_key(t, "cpu")
+        assert key.dtype == torch.int64 and key == 999 * 64
 
 
 def _reference_matching(x, dst, src, r):

@@ -16,7 +16,17 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .config import TokenFusionConfig
-from .merge import MODES, BlockPlan, Matching, block_offsets, match, plan_blocks, reduce_tokens, restore_tokens
+from .merge import (
+    MODES,
+    BlockPlan,
+    Matching,
+    block_offsets,
+    match,
+    plan_blocks,
+    reduce_tokens,
+    restore_tokens,
+    timestep_key,
+)
 
 TIMESTEP_HOOK = "tofu_sd.timestep"
 FEATURE_MAP_HOOK = "tofu_sd.feature_map"
@@ -52,25 +62,14 @@ class CallState:
             c = self.config
             offsets = None
             if c.use_rand:
-                streams = tuple(range(self.num_blocks))
-                offsets = block_offsets(h // c.sy, w // c.sx, c.sx * c.sy, c.seed or 0, streams, self._key(device))
+                key = timestep_key(self.timestep, device)
+                offsets = block_offsets(h // c.sy, w // c.sx, c.sx * c.sy, c.seed or 0, tuple(range(self.num_blocks)), key)
             plans = plan_blocks(
                 h, w, c.sx, c.sy, batch, int(h * w * c.ratio), offsets, device, blocks=self.num_blocks,
                 local_window=c.local_window if c.matching == "local" else None, dtype=x.dtype,
             )  # fmt: skip
             self.plans[cache_key] = plans
         return plans[index]
-
-    def _key(self, device: torch.device) -> torch.Tensor:
-        """The timestep quantized to 1/64 (as :func:`tofu_sd.merge.timestep_key`; the hash keeps its low 32 bits)."""
-        t = self.timestep
-        if t is None:
-            return torch.zeros((), dtype=torch.int64, device=device)
-        t = torch.as_tensor(t, device=device).reshape(-1)[0]
-        if t.is_floating_point():
-            return (t.float() * 64).round().long()  # .float() is free for float32 timesteps
-        return t * 64  # integer timesteps (below 2**24, so exact in float32 too): the same key, one operation
-
 
 class GridState:
     """Height and width of the feature map a ``Transformer2DModel`` is processing, or ``None``."""

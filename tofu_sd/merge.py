@@ -129,14 +129,18 @@ def _pcg_hash(v):
 
 
 def timestep_key(timestep: torch.Tensor | float | int | None, device: torch.device) -> torch.Tensor:
-    """A 32-bit integer key for a denoising timestep, computed on ``device`` without a host sync.
+    """An ``int64`` key for a denoising timestep, computed on ``device`` without a host sync; the hash uses its
+    low 32 bits.
 
-    Timesteps are quantized to 1/64, so fractional timesteps of continuous schedulers get distinct keys.
+    Timesteps are quantized to 1/64, so fractional timesteps of continuous schedulers get distinct keys; an
+    integer timestep gets the key of the same float (one multiplication instead of a rounding).
     """
     if timestep is None:
         return torch.zeros((), dtype=torch.int64, device=device)
     t = torch.as_tensor(timestep, device=device).reshape(-1)[0]
-    return (t.float() * 64).round().to(torch.int64) & _MASK32
+    if t.is_floating_point():
+        return (t.float() * 64).round().to(torch.int64)  # .float() is free for float32 timesteps
+    return t.to(torch.int64) * 64  # a no-op cast for int64; int32 timesteps must not overflow in the hash
 
 
 def _stream_base(seed: int, stream: int) -> int:
