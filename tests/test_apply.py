@@ -5,7 +5,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import tofu_sd
-from evaluation.tiny import tiny_unet, tiny_unet_inputs
+from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
+from tofu_sd.reference import partition
 
 SD15_BLOCKS = [
     "down_blocks.0.attentions.0.transformer_blocks.0",
@@ -93,7 +94,7 @@ def test_remove_and_ratio_zero_are_bit_identical(unet_sd15):
     assert not torch.equal(run(unet_sd15), reference)
     tofu_sd.remove(unet_sd15)
     assert torch.equal(run(unet_sd15), reference)
-    assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in unet_sd15.modules())
+    assert not any({"_diffusers_hook", "forward", "__deepcopy__"} & m.__dict__.keys() for m in unet_sd15.modules())
     tofu_sd.apply(unet_sd15, ratio=0.0)
     assert torch.equal(run(unet_sd15), reference)
     assert tofu_sd.get_state(unet_sd15).config.ratio == 0.0
@@ -132,6 +133,9 @@ def test_schedule_letters_change_the_result(unet_sd15):
         ({"schedule": "PPXMM"}, r"unknown letter\(s\) X"),
         ({"schedule": "PPM"}, r"3 letters but 5 blocks are patched(.|\n)*up_blocks.2.attentions.2"),
         ({"max_downsample": 3}, r"power of two"),
+        ({"use_rand": "false"}, r"use_rand must be True or False, got 'false'"),
+        ({"use_rand": 0}, r"use_rand must be True or False, got 0"),
+        ({"use_rand": None}, r"use_rand must be True or False, got None"),
     ],
 )
 def test_bad_options_raise_and_leave_the_model_untouched(unet_sd15, kwargs, match):
@@ -185,21 +189,30 @@ def test_each_sample_is_independent_of_its_batch():
             torch.testing.assert_close(alone[0], together[i], rtol=1e-4, atol=1e-5)
 
 
-def test_random_partition_depends_on_seed_and_timestep():
-    unet = tiny_unet("sd15")
-    outs = {}
-    for seed, t in [(0, 500), (0, 500), (1, 500), (0, 400)]:
-        tofu_sd.apply(unet, seed=seed)
-        inputs = tiny_unet_inputs(unet)
-        inputs["timestep"] = torch.tensor(t)
+def test_partition_follows_seed_timestep_and_block_only_with_use_rand(unet_sd15, monkeypatch):
+    """The partition each patched block's matching gets, seen through the hooks' call of ``match``."""
+    seen = []
+    real_match = tofu_sd.hooks.match
+    monkeypatch.setattr(tofu_sd.hooks, "match", lambda x, plan: seen.append(plan.rows) or real_match(x, plan))
+
+    def partitions(timestep, **options):
+        tofu_sd.apply(unet_sd15, **options)
+        seen.clear()
         with torch.no_grad():
-            outs.setdefault((seed, t), []).append(unet(**inputs).sample)
-    assert torch.equal(*outs[(0, 500)])
-    tofu_sd.remove(unet)
-    with torch.no_grad():
-        full_400 = unet(**{**tiny_unet_inputs(unet), "timestep": torch.tensor(400)}).sample
-    assert not torch.equal(outs[(0, 500)][0], outs[(1, 500)][0])
-    assert not torch.equal(full_400, outs[(0, 400)][0])
+            unet_sd15(**{**tiny_unet_inputs(unet_sd15), "timestep": timestep})
+        return torch.stack(seen)  # (blocks, B, N): rows in partition order, sources then destinations
+
+    base = partitions(torch.tensor(500))
+    assert base.shape == (5, 2, 256)
+    assert torch.equal(partitions(torch.tensor(500)), base) and torch.equal(partitions(500.0), base)
+    assert not torch.equal(partitions(torch.tensor(400)), base)
+    assert not torch.equal(partitions(torch.tensor(500), seed=1), base)
+    assert not torch.equal(base[0], base[1])  # each block has its own random stream
+    assert torch.equal(base[:, 1] - 256, base[:, 0])  # both halves of a CFG batch share the partition
+    top_left = partitions(torch.tensor(500), use_rand=False)
+    assert torch.equal(partitions(torch.tensor(400), use_rand=False), top_left)
+    dst, src = partition(16, 16, 2, 2)
+    assert torch.equal(top_left[:, 0], torch.cat([src, dst]).expand(5, -1))
 
 
 @pytest.mark.parametrize("processor", [AttnProcessor, AttnProcessor2_0])

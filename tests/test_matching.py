@@ -6,18 +6,16 @@ import pytest
 import torch
 
 import tofu_sd
-from evaluation.tiny import tiny_unet, tiny_unet_inputs
-from tofu_sd.merge import (
-    MIN_CHUNK_ROWS,
+from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
+from tofu_sd.merge import MIN_CHUNK_ROWS, chunk_bounds
+from tofu_sd.partition import block_offsets, timestep_key
+from tofu_sd.plans import plan_blocks
+from tofu_sd.reference import (
     bipartite_soft_matching,
-    block_offsets,
     cell_offsets,
-    chunk_bounds,
     local_bipartite_soft_matching,
     partition,
-    plan_blocks,
     random_partition,
-    timestep_key,
 )
 
 FIELDS = ("keep_rows", "restore_rows", "ranked_src_rows", "dst_idx")

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from tofu_sd.merge import (
-    bipartite_soft_matching,
-    cell_offsets,
-    partition,
-    random_partition,
-    reduce_tokens,
-    restore_tokens,
-    timestep_key,
-)
+from tofu_sd.merge import reduce_tokens, restore_tokens
+from tofu_sd.partition import timestep_key
+from tofu_sd.reference import bipartite_soft_matching, cell_offsets, partition, random_partition
 
 
 def _grid_of(pos, w):
@@ -205,10 +199,13 @@ def test_restore_of_reduce_is_identity_on_kept_tokens():
     assert torch.equal(back.gather(1, kept[..., None].expand(-1, -1, 8)), x.gather(1, kept[..., None].expand(-1, -1, 8)))
 
 
-def test_same_inputs_same_matching():
+def test_matching_is_deterministic_and_independent_of_the_batch():
     x, dst, src = _random_case(seed=6)
     a, b = bipartite_soft_matching(x, dst, src, 10), bipartite_soft_matching(x, dst, src, 10)
     assert torch.equal(a.restore_idx, b.restore_idx) and torch.equal(a.keep_idx, b.keep_idx)
+    alone = bipartite_soft_matching(x[1:], dst, src, 10)  # the second element in a batch of its own
+    for name in ("keep_idx", "restore_idx", "src_idx", "dst_idx"):
+        assert torch.equal(getattr(alone, name)[0], getattr(a, name)[1]), name
 
 
 def test_unmerged_sources_pass_through_every_mode_bit_exact():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -15,6 +17,10 @@ from .merge import MODES
 T = TypeVar("T")
 
 _ATTR = "_tofu_sd"
+#: An instance attribute of a patched U-Net, found by ``copy.deepcopy`` (it looks the copier up on the instance).
+_DEEPCOPY = "__deepcopy__"
+#: Stands, during a deep copy, for the hook registries and hooked forwards left out of the copy.
+_LEFT_OUT = object()
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
             "nothing to apply Token Fusion to."
         )
     schedule = config.resolve_schedule([s.name for s in sites], [s.on_down_path for s in sites])
+    if config.reduce == "kv":
+        for site in sites:
+            hooks.check_key_value_attention(f"{site.name}.attn1", site.block.attn1)
     config = replace(config, seed=0 if config.seed is None else config.seed)
     state = TokenFusionState(
         config, tuple(PatchedBlock(s.name, letter, s.downsample) for s, letter in zip(sites, schedule))
@@ -75,18 +84,44 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
             block_state = hooks.BlockState()
             matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index)
             hooks.register(site.block, matching, hooks.MATCHING_HOOK)
-            hooks.register(site.block.attn1, hooks.SelfAttentionHook(block_state, letter), hooks.SELF_ATTENTION_HOOK)
+            attention = hooks.KeyValueHook if config.reduce == "kv" else hooks.SelfAttentionHook
+            hooks.register(site.block.attn1, attention(block_state, letter), hooks.SELF_ATTENTION_HOOK)
     except BaseException:
         hooks.unregister_all(unet)
         raise
     setattr(unet, _ATTR, state)
+    setattr(unet, _DEEPCOPY, functools.partial(_deepcopy_patched, unet))
     return state
 
 
 def remove_token_fusion(unet: torch.nn.Module) -> bool:
     """Remove Token Fusion from ``unet``; True if it was applied."""
     had_state = unet.__dict__.pop(_ATTR, None) is not None
+    unet.__dict__.pop(_DEEPCOPY, None)
     return hooks.unregister_all(unet) or had_state
+
+
+def _deepcopy_patched(unet: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy`` of a patched U-Net: an independent copy, patched alike; ``unet`` itself is not touched.
+
+    A deep-copied diffusers hook would stay bound to the original (its forward is a closure over the original's
+    hooks and forward), so the copy is made without Token Fusion's registries and hooked forwards, and Token
+    Fusion is then applied to the copy with the same configuration.
+    """
+    wrapped = hooks.hooked_modules(unet)
+    for module in wrapped:
+        memo[id(module._diffusers_hook)] = memo[id(module.__dict__["forward"])] = _LEFT_OUT
+    cls = type(unet)
+    copied = memo[id(unet)] = cls.__new__(cls)  # as copy.deepcopy does, so references to unet map to the copy
+    state = {key: value for key, value in unet.__getstate__().items() if key not in (_ATTR, _DEEPCOPY)}
+    copied.__setstate__(copy.deepcopy(state, memo))
+    for module, forward in wrapped.items():
+        twin = memo[id(module)]
+        del twin.__dict__["_diffusers_hook"], twin.__dict__["forward"]
+        if not hooks.is_class_forward(module, forward):
+            twin.forward = copy.deepcopy(forward, memo)  # a wrapper installed before Token Fusion's hooks
+    apply_token_fusion(copied, getattr(unet, _ATTR).config)
+    return copied
 
 
 def apply(
@@ -101,13 +136,16 @@ def apply(
     seed: int | None = None,
     matching: str = "global",
     local_window: int = 3,
+    reduce: str = "tokens",
+    rematch_every: int = 1,
 ) -> T:
     """Apply Token Fusion to a Stable Diffusion pipeline or U-Net, in place, and return it.
 
     Before self-attention in the U-Net's highest-resolution transformer blocks, ``int(N * ratio)`` of the N
     tokens are reduced into their most similar destination token (bipartite soft matching on the block's
     input); after self-attention every token is restored, so cross-attention, the feed-forward and the ResNets
-    see the full set. Calling ``apply`` again replaces the earlier patch; :func:`remove` undoes it exactly.
+    see the full set. With ``reduce="kv"`` self-attention keeps all N queries and only its keys and values are
+    the reduced tokens. Calling ``apply`` again replaces the earlier patch; :func:`remove` undoes it exactly.
 
     Args:
         pipe_or_unet: a diffusers pipeline with a ``unet`` (StableDiffusionPipeline, StableDiffusionXLPipeline,
@@ -123,9 +161,22 @@ def apply(
         matching: ``"global"`` (each source against every destination, exactly ToMe's matching, in chunks so
             memory stays O(N)) or ``"local"`` (against the destinations of the cells around it; O(N) time).
         local_window: side, in cells, of local matching's window (odd, default 3: the 3 x 3 cells around).
+        reduce: ``"tokens"`` (self-attention on the reduced tokens, then every token restored; the paper's
+            method) or ``"kv"`` (every token stays a query; keys and values come from the reduced tokens, with
+            proportional attention: a key standing for ``s`` tokens adds ``log(s)`` to its logits; no restore).
+        rematch_every: compute each block's partition and matching every this many denoising steps of a
+            pipeline call and reuse them in between; ``1`` (default) matches at every call. What counts as a
+            step and as a new pipeline call: :class:`~tofu_sd.TokenFusionConfig`.
 
     Raises:
         ValueError: if an option is out of range or the object has no supported U-Net; the model is untouched.
+
+    Threads and copies:
+        A patched U-Net may be called from several threads at once: the hooks keep each call's state (its
+        timestep, feature-map sizes and matchings) per thread, so every output equals that of the same call
+        made alone. ``apply`` and ``remove`` themselves must not run while another thread calls the model.
+        ``copy.deepcopy`` of a patched U-Net, or of a pipeline holding one, gives an independent model patched
+        alike (its own hooks, running its own weights); ``remove`` on one leaves the other patched.
 
     Example:
         ```python
@@ -137,7 +188,7 @@ def apply(
     """
     config = TokenFusionConfig(
         ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
-        matching=matching, local_window=local_window,
+        matching=matching, local_window=local_window, reduce=reduce, rematch_every=rematch_every,
     )
     apply_token_fusion(unwrap_unet(pipe_or_unet), config)
     _reset_compiled(pipe_or_unet)

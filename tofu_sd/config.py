@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from .merge import MATCHINGS, MODES
+
+#: What self-attention takes from the reduced tokens: everything (queries, keys, values), or only keys and values.
+REDUCES = ("tokens", "kv")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,30 @@ class TokenFusionConfig:
             full cell use the nearest full cell) and clipped at the image border: an odd number >= 1. ``3`` (the
             cell and its 8 neighbours: 9 candidates, within 2 to 3 tokens with 2x2 cells) keeps the candidates
             that image tokens' best matches mostly are, at a cost independent of N. Ignored for global matching.
+        reduce (`str`, defaults to `"tokens"`):
+            What self-attention (``attn1``) of a patched block runs on. ``"tokens"``: the ``N - r`` reduced tokens
+            are its queries, keys and values, and each token then takes its output back from its slot (the
+            paper's method). ``"kv"``: all ``N`` tokens stay queries; the keys and values come from the
+            ``N - r`` reduced tokens (the schedule letter says how: ``P`` leaves the matched sources out,
+            ``A`` / ``M`` merge them into their destination), with proportional attention: each reduced key's
+            logit gains ``log(s)``, ``s`` being the number of tokens it stands for (its destination and the
+            sources matched to it; 1 for an unmatched token), so ``s`` identical tokens weigh as they do in
+            full attention. No restore step. A call with its own attention mask is left unreduced.
+        rematch_every (`int`, defaults to `1`):
+            Compute each block's partition and matching at one denoising step and reuse them for the next
+            ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call. Steps are read
+            from the U-Net's ``timestep`` argument, call by call, per thread: a call whose timestep is lower than
+            the previous call's starts a new step; one at the same timestep belongs to the same step (e.g. the
+            conditional and unconditional halves of classifier-free guidance run as two calls; one batched call
+            holds both halves anyway); one whose timestep is higher than the previous call's, the first call,
+            and a call without a timestep start a new pipeline call, whose first step matches afresh. A step
+            whose index in its pipeline call is a multiple of ``rematch_every`` matches; the other steps reuse
+            the matchings of the last matching step, looked up by block, grid, batch size, device, dtype and
+            the call's position in its step (only the first :data:`~tofu_sd.hooks.MAX_CALLS_PER_STEP`); a
+            call with no stored matching there matches (and stores) its own. Only the matchings since the last
+            matching step are kept. Inside a fully ``torch.compile``-d U-Net every call matches (the step
+            count is host-side state that a compiled graph cannot branch on without a graph break or a
+            recompile per step); with the transformer blocks compiled and the U-Net itself eager, reuse works.
     """
 
     ratio: float = 0.5
@@ -57,10 +84,16 @@ class TokenFusionConfig:
     seed: int | None = None
     matching: str = "global"
     local_window: int = 3
+    reduce: str = "tokens"
+    rematch_every: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _real(self.ratio))
-        for name in ("sx", "sy", "max_downsample", "local_window"):
+        for field in fields(self):
+            # A boolean option takes True or False only: "false" or 0 would silently read as another choice.
+            if field.type == "bool" and not isinstance(getattr(self, field.name), bool):
+                raise ValueError(f"{field.name} must be True or False, got {getattr(self, field.name)!r}.")
+        for name in ("sx", "sy", "max_downsample", "local_window", "rematch_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}.")
@@ -73,6 +106,13 @@ class TokenFusionConfig:
                 f"matching must be 'global' (every destination, as ToMe) or 'local' (destinations of nearby cells), "
                 f"got {self.matching!r}."
             )
+        if self.reduce not in REDUCES:
+            raise ValueError(
+                f"reduce must be 'tokens' (attention on the reduced tokens, then restored) or 'kv' (every query, "
+                f"reduced keys and values), got {self.reduce!r}."
+            )
+        if self.rematch_every < 1:
+            raise ValueError(f"rematch_every must be >= 1 (1 matches at every step), got {self.rematch_every}.")
         if self.local_window < 1 or self.local_window % 2 == 0:
             raise ValueError(
                 f"local_window must be an odd number of cells >= 1 (a window centred on the source's cell), got "
