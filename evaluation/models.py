@@ -8,7 +8,7 @@ from .errors import EvaluationError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"  # the built-in model trained on coloured shapes (evaluation/shapes/model), offline
-TINY_RANDOM = "tiny-random"  # random-weight tiny configs (evaluation/tiny.py): fast, for tests, draws noise
+TINY_RANDOM = "tiny-random"  # random-weight tiny configs (evaluation/tiny_random.py): fast, for tests, draws noise
 BUILTIN_MODELS = (TINY, TINY_RANDOM)
 
 # --scheduler names -> diffusers scheduler classes (built from the model's own scheduler config).
@@ -66,7 +66,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     import diffusers
 
     if model == TINY_RANDOM:
-        from .tiny import tiny_pipeline
+        from .tiny_random import tiny_pipeline
 
         pipe = tiny_pipeline()
         if dtype != torch.float32:

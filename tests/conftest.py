@@ -9,14 +9,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def unet_sd15():
-    from evaluation.tiny import tiny_unet
+    from evaluation.tiny_random import tiny_unet
 
     return tiny_unet("sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe_factory():
-    from evaluation.tiny import tiny_pipeline
+    from evaluation.tiny_random import tiny_pipeline
 
     return tiny_pipeline
 

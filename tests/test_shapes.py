@@ -72,10 +72,12 @@ def test_picture_shows_its_colour():
 
 def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """An interrupted run, started again, ends with the weights of an uninterrupted one."""
+    from evaluation import archs
     from evaluation.shapes import train
+    from evaluation.shapes.classifier_only import retrain_classifier
 
-    monkeypatch.setattr(train, "VAE_CONFIG", {**train.VAE_CONFIG, "block_out_channels": (16, 16, 16)})
-    monkeypatch.setattr(train, "UNET_CONFIG", {**train.UNET_CONFIG, "block_out_channels": (16, 32, 32), "attention_head_dim": 2})
+    monkeypatch.setattr(archs, "SHAPES_VAE", {**archs.SHAPES_VAE, "block_out_channels": (16, 16, 16)})
+    monkeypatch.setattr(archs, "SHAPES_UNET", {**archs.SHAPES_UNET, "block_out_channels": (16, 32, 32), "attention_head_dim": 2})
     monkeypatch.setattr(train, "VALIDATION_IMAGES", 96)
     torch.set_num_threads(1)  # bit-exact comparisons between runs
     small = dict(images=96, vae_steps=3, vae_batch=4, unet_steps=4, unet_batch=4, classifier_steps=2, checkpoint_every=2)
@@ -116,7 +118,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     before = load_classifier(model).state_dict()
     (model / "classifier.safetensors").unlink()
     config = train.TrainConfig(work_dir=str(tmp_path / "again"), out=str(model), **small)
-    train.retrain_classifier(config, progress=False)
+    retrain_classifier(config, progress=False)
     for name, value in load_classifier(model).state_dict().items():
         assert torch.equal(value, before[name]), name
     summary = json.loads((model / "training.json").read_text())
@@ -124,7 +126,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert summary["config"]["classifier_steps"] == small["classifier_steps"]
     assert (model / "loss_classifier.png").is_file() and (model / "unet" / "config.json").is_file()
     with pytest.raises(SystemExit, match="no finished model"):
-        train.retrain_classifier(train.TrainConfig(work_dir=str(tmp_path / "x"), out=str(tmp_path / "none")), progress=False)
+        retrain_classifier(train.TrainConfig(work_dir=str(tmp_path / "x"), out=str(tmp_path / "none")), progress=False)
 
 
 def test_training_refuses_other_options_in_the_same_work_dir(tmp_path):
@@ -143,6 +145,18 @@ def shipped():
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, local_files_only=True)
+
+
+def test_shipped_model_has_the_architectures_that_training_starts_from(shipped):
+    """evaluation.archs describes the shipped model: training from its configs makes these networks."""
+    from evaluation import archs
+
+    as_saved = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
+    for config, model in ((archs.SHAPES_UNET, shipped.unet), (archs.SHAPES_VAE, shipped.vae)):
+        assert {k: model.config[k] for k in config} == {k: as_saved(v) for k, v in config.items()}
+    text = shipped.text_encoder.config
+    assert {k: getattr(text, k) for k in archs.SHAPES_TEXT} == archs.SHAPES_TEXT
+    assert shipped.tokenizer.model_max_length == archs.SHAPES_MAX_TOKENS
 
 
 def test_shipped_model_is_small_and_shaped_like_sd(shipped):
@@ -203,8 +217,12 @@ def test_shipped_classifier_recognises_fresh_pictures():
 def test_a_non_editable_install_ships_every_model_file():
     """pyproject's package data covers each file of the model folder, so ``pip install .`` has the model too."""
     import fnmatch
-    import tomllib
     from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (the test extra installs it)
+        import tomli as tomllib
 
     root = Path(__file__).resolve().parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["evaluation.shapes"]

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from evaluation import generate as generate_module
-from evaluation import todo
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
-from evaluation.methods import method_applied, method_params, parse_methods, ratios_of
-from evaluation.report import pareto_data, pareto_figure, write_report
-from evaluation.tiny import tiny_unet, tiny_unet_inputs
+from evaluation.methods import method_applied, method_params, parse_methods, ratios_of, todo
+from evaluation.pareto import pareto_data, pareto_figure
+from evaluation.report import write_report
+from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
 from tofu_sd import TokenFusionConfig
 
 BASE = ["generate", "--model", "tiny-random", "--classes", "0", "--per-class", "1", "--steps", "2", "--quiet"]

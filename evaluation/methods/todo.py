@@ -15,10 +15,14 @@ It is wired into each patched block's ``attn1`` with a diffusers hook that passe
 no cross-attention norm), so diffusers' own block and attention code runs unchanged. The grid's height and width
 come from the input of the ``Transformer2DModel`` holding the block, as for Token Fusion. This is a peer
 baseline for the evaluation, not part of the ``tofu_sd`` plugin.
+
+As a method of the registry (``todo``), its parameter is the pooling, named by the fraction of keys it removes
+(:class:`Pooling`): ``todo`` is 2x2, ``todo@0.5`` 1x2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,7 +30,11 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
+from tofu_sd import TokenFusionConfig
 from tofu_sd.hooks import FeatureMapHook, GridState, register, unregister_all
+
+from ..errors import EvaluationError
+from .base import Parameter, format_ratio
 
 GRID_HOOK = "evaluation.todo.feature_map"
 POOL_HOOK = "evaluation.todo.pooled_keys"
@@ -130,3 +138,56 @@ def remove_todo(pipe_or_unet) -> bool:
 def pooled_key_count(grid: tuple[int, int], pool: tuple[int, int]) -> int:
     """Number of keys ToDo leaves on an ``h x w`` grid."""
     return math.ceil(grid[0] / pool[0]) * math.ceil(grid[1] / pool[1])
+
+
+# ---------------------------------------------------------------- as a method of the registry
+
+
+class Pooling(Parameter):
+    """ToDo's ``ky x kx`` pooling, named by the fraction of keys it removes (``todo@0.75`` is 2x2); unsuffixed,
+    2x2 whatever the run's ``--ratio``."""
+
+    uses_run_ratio = False
+
+    def pool(self, name: str, value: float | None) -> tuple[int, int]:
+        """The pooling of ``value`` (2x2, ToDo's default, for None)."""
+        if value is None:
+            return DEFAULT_POOL
+        for pool in SWEEP_POOLS:
+            if abs(keys_removed(pool) - value) < 1e-9:
+                return pool
+        choices = ", ".join(f"todo@{format_ratio(keys_removed(p))} ({p[0]}x{p[1]})" for p in SWEEP_POOLS)
+        raise EvaluationError(
+            f"{name!r}: ToDo's ratio is the fraction of keys its pooling removes; use one of {choices}. "
+            "With --ratios, each ratio is mapped to the nearest of them."
+        )
+
+    def check(self, name: str, value: float, options: TokenFusionConfig) -> None:
+        self.pool(name, value)
+
+    def for_sweep(self, ratio: float) -> float | None:
+        pool = pool_for_ratio(ratio)
+        return None if pool is None else keys_removed(pool)
+
+
+POOLING = Pooling()
+
+
+def todo_params(value: float | None, options: TokenFusionConfig) -> dict:
+    pool = POOLING.pool("todo" if value is None else f"todo@{format_ratio(value)}", value)
+    return {"ratio": keys_removed(pool), "pool": list(pool), "keys_removed": keys_removed(pool)}
+
+
+def describe(params: dict) -> str:
+    ky, kx = params["pool"]
+    return f"keys and values pooled {ky}x{kx} ({params['keys_removed']:.0%} removed)"
+
+
+@contextlib.contextmanager
+def todo_patch(pipe, options: TokenFusionConfig, params: dict):
+    """ToDo with the name's pooling, on the blocks that tofu_sd would patch with ``options.max_downsample``."""
+    apply_todo(pipe, tuple(params["pool"]), options.max_downsample)
+    try:
+        yield
+    finally:
+        remove_todo(pipe)

@@ -1,0 +1,140 @@
+"""Timing one denoising step per variant: peak memory of one step, then interleaved timed rounds, and the paired
+ratios between variants."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..memory import PeakMemory
+from .profiling import peak_alloc_bytes
+from .variants import resolve_variant, variant_applied, variant_params
+
+#: Ratios of these methods' variants to those of :data:`BASELINES` at the same ratio are reported.
+REDUCERS = ("tofu", "tofu-local")
+BASELINES = ("tome", "oracle")
+
+
+def unet_step(model, inputs: dict):
+    """One U-Net call; the latents go positionally, where tomesd's size hook looks for them."""
+    rest = {k: v for k, v in inputs.items() if k != "sample"}
+    return model(inputs["sample"], **rest)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StepTimes:
+    seconds: list[float] = field(default_factory=list)
+    peak_mem_bytes: int = 0
+    phases: dict[str, list[float]] = field(default_factory=dict)  #: a StepMix's seconds per phase
+
+    def summary(self) -> dict:
+        return {
+            "median_s": statistics.median(self.seconds),
+            "min_s": min(self.seconds),
+            "reps": len(self.seconds),
+            "peak_mem_gb": self.peak_mem_bytes / 2**30,
+            "seconds": self.seconds,
+            **{f"{phase}_s": s for phase, s in self.phases.items()},
+        }
+
+
+def peak_step_bytes(unet, fn, device: torch.device) -> tuple[int, str]:
+    """Peak memory of ``fn()``: CUDA's peak allocated; on the CPU the peak of live tensors (weights included).
+
+    On the CPU the peak comes from the profiler's allocation trace (each op's net allocation, frees in time
+    order), so, unlike peak RSS, it does not depend on which variant ran before.
+    """
+    if device.type == "cuda":
+        with PeakMemory(device).measure() as peak:
+            fn()
+        return peak.bytes, "cuda_peak_allocated"
+    weights = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
+    return weights + peak_alloc_bytes(fn), "peak_live_tensors"
+
+
+@torch.no_grad()
+def time_steps(unet, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool):
+    """Per variant: peak memory of one step, then ``reps`` timed steps in interleaved rounds.
+
+    A variant whose method has a :class:`~evaluation.methods.base.StepMix` (CA-ToMe: it matches at a few steps
+    and reuses the matchings at the rest) is timed at each phase of a fresh application in every round, and its
+    step time is their mean over a whole schedule.
+    """
+    kind = ""
+    model = torch.compile(unet) if compile_ else unet
+    times = {v: StepTimes() for v in variants}
+    mixes = {v: resolve_variant(v, ratio).method.step_mix for v in variants}
+    weights = {v: mix.weights() for v, mix in mixes.items() if mix is not None}
+    for variant in variants:
+        with variant_applied(unet, variant, ratio):
+            for _ in range(warmup):
+                unet_step(model, inputs)
+            times[variant].peak_mem_bytes, kind = peak_step_bytes(unet, lambda: unet_step(model, inputs), device)
+
+    def timed() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        unet_step(model, inputs)
+        sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(reps):
+        for variant in variants:
+            with variant_applied(unet, variant, ratio):
+                if compile_:
+                    unet_step(model, inputs)  # the patch changed: let the compiler retrace outside the timing
+                mix, t = mixes[variant], times[variant]
+                if mix is None:
+                    t.seconds.append(timed())
+                    continue
+                phase_seconds = [timed() for _ in mix.phases]
+                for phase, seconds in zip(mix.phases, phase_seconds):
+                    t.phases.setdefault(phase, []).append(seconds)
+                t.seconds.append(sum(w * s for w, s in zip(weights[variant], phase_seconds)))
+    summaries = {v: t.summary() for v, t in times.items()}
+    for variant, w in weights.items():
+        summaries[variant].update(mixes[variant].summary(w))
+    return summaries, kind
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: both ran in the same round, so slow drifts of the machine cancel."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def _pairs(variants: list[str], ratio: float) -> list[tuple[str, str]]:
+    """(tofu or tofu-local variant, tome or oracle variant) at the same ratio, in the order given."""
+    params = {v: variant_params(v, ratio) for v in variants}
+    return [
+        (a, b) for a in variants if params[a]["method"] in REDUCERS
+        for b in variants if params[b]["method"] in BASELINES and params[b].get("ratio") == params[a].get("ratio")
+    ]  # fmt: skip
+
+
+def step_ratios(results: dict, ratio: float) -> dict:
+    """Paired (per-round) median ratios to ``full`` and of tofu's variants to tome's and the oracle's at the same
+    ratio (``tofu/tome``, ``tofu@0.3/tome@0.3``), the same from the minimum times as a cross-check, and the
+    peak-memory ratios of those pairs."""
+    secs = {v: r["seconds"] for v, r in results.items()}
+    pairs = [(v, "full") for v in secs if v != "full" and "full" in secs]
+    reducers = _pairs(list(results), ratio)
+    ratios = {}
+    for a, b in pairs + reducers:
+        ratios[f"{a}/{b}"] = paired_ratio(secs[a], secs[b])
+        ratios[f"{a}/{b} (min)"] = min(secs[a]) / min(secs[b])
+    for a, b in reducers:
+        ratios[f"{a}/{b} memory"] = results[a]["peak_mem_gb"] / results[b]["peak_mem_gb"]
+    return ratios
+
+
+def reducer_keys(results: dict, ratio: float) -> list[str]:
+    """The keys of :func:`step_ratios` that compare tofu's variants with tome's and the oracle's."""
+    return [f"{a}/{b}{suffix}" for a, b in _pairs(list(results), ratio) for suffix in ("", " (min)", " memory")]

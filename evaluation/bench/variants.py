@@ -1,0 +1,61 @@
+"""The bench's variants: the registry's method names (``tofu``, ``tofu@0.5``, ``todo@0.75``, ``oracle``, ...),
+as ``tofu-sd generate`` takes them. An unsuffixed name whose parameter is a ratio runs at the bench's ``--ratio``;
+``todo`` unsuffixed is 2x2 pooling, as in ``generate``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from tofu_sd import TokenFusionConfig
+
+from ..methods.names import Name, normal_names, parse_name
+from ..methods.registry import METHODS, REGISTRY
+
+#: Every method of the registry, in its order; those in the bench's default set are :func:`default_variants`.
+VARIANTS = METHODS
+#: The options of every variant besides its name's parameter: tofu_sd's defaults.
+BENCH_OPTIONS = TokenFusionConfig()
+
+
+def default_variants() -> tuple[str, ...]:
+    """The bench's variants when none are given: every entry in its default set whose package is installed
+    (``catome`` needs the optional ``ca-tome``)."""
+    return tuple(
+        name for name, method in REGISTRY.items()
+        if method.in_bench_default and (method.requires is None or method.requires.available())
+    )  # fmt: skip
+
+
+def resolve_variant(variant: str, ratio: float) -> Name:
+    """The name ``variant`` with its value: the one after ``@``, else ``ratio`` where its parameter takes the run's."""
+    name = parse_name(variant)
+    if name.value is None and name.method.parameter.uses_run_ratio:
+        return Name(name.method, ratio)
+    return name
+
+
+def parse_variants(variants: Sequence[str], ratio: float) -> list[str]:
+    """The variants in normal form (``tofu@.50`` -> ``tofu@0.5``); EvaluationError (or ValueError, for a missing
+    package) saying what to fix."""
+    names = normal_names(list(variants), BENCH_OPTIONS, noun="variant")
+    for label in names:
+        name = resolve_variant(label, ratio)
+        if name.value is not None:
+            name.method.parameter.check(label, name.value, BENCH_OPTIONS)
+        needs = name.method.requires
+        if needs is not None and not needs.available():
+            raise ValueError(f"variant {label} needs the {needs.package} package: {needs.install}")
+    return names
+
+
+def variant_params(variant: str, ratio: float) -> dict:
+    return resolve_variant(variant, ratio).params(BENCH_OPTIONS)
+
+
+@contextlib.contextmanager
+def variant_applied(unet, variant: str, ratio: float):
+    """Patch ``unet`` as the name ``variant`` says (at ``ratio`` unless it says otherwise) for the block."""
+    name = resolve_variant(variant, ratio)
+    with name.method.patch(unet, BENCH_OPTIONS, name.params(BENCH_OPTIONS)):
+        yield

@@ -1,0 +1,124 @@
+"""What an entry of the registry is: :class:`Method`; the kinds of value a name can carry after ``@``
+(:class:`Parameter`, a fraction; :class:`Ratio`, one that tofu_sd accepts; :class:`NoParameter`; ToDo's
+:class:`~.todo.Pooling`); :class:`StepMix`, for methods whose step cost depends on the step; :class:`Requirement`."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tofu_sd import TokenFusionConfig
+
+from ..errors import EvaluationError
+
+
+def format_ratio(ratio: float) -> str:
+    return format(ratio, "g")
+
+
+class Parameter:
+    """What follows ``@`` in a method's name (``oracle@0.5``), how it is checked and how ``--ratios`` sets it.
+
+    This base class is a fraction of tokens in (0, 1) with no further check; an unsuffixed name takes the run's
+    ``--ratio``.
+    """
+
+    sweeps = True  #: ``--ratios`` runs the method once per ratio (else once, unsuffixed)
+    uses_run_ratio = True  #: an unsuffixed name runs at the run's ``--ratio`` (else at its own default)
+
+    def parse(self, method: str, name: str, suffix: str) -> float:
+        """The value of ``suffix`` in ``name``; EvaluationError saying what to write instead."""
+        try:
+            value = float(suffix)
+        except ValueError:
+            raise EvaluationError(f"bad method name {name!r}: write <method>@<ratio>, e.g. {method}@0.5") from None
+        if not 0 < value < 1:
+            raise EvaluationError(f"bad method name {name!r}: the ratio after '@' must lie in (0, 1)")
+        return value
+
+    def check(self, name: str, value: float, options: TokenFusionConfig) -> None:
+        """EvaluationError if ``value`` does not fit the run's ``options``."""
+
+    def for_sweep(self, ratio: float) -> float | None:
+        """The value that the ``--ratios`` ratio ``ratio`` gives; None: the method skips that ratio."""
+        return ratio
+
+
+class Ratio(Parameter):
+    """The fraction of tokens reduced in each patched block, valid for :class:`tofu_sd.TokenFusionConfig`."""
+
+    def check(self, name: str, value: float, options: TokenFusionConfig) -> None:
+        try:
+            replace(options, ratio=value)
+        except ValueError as error:
+            raise EvaluationError(f"{name!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class NoParameter(Parameter):
+    """The method takes nothing after ``@`` (``why`` says so) and runs once in a sweep."""
+
+    why: str
+    sweeps = False
+    uses_run_ratio = False
+
+    def parse(self, method: str, name: str, suffix: str) -> float:
+        raise EvaluationError(f"{name!r}: {method} takes no ratio ({self.why}); write {method}")
+
+
+@dataclass(frozen=True)
+class StepMix:
+    """How the bench times a method whose step cost depends on the step (it matches, or computes, at some steps
+    and reuses at the others): the first ``len(phases)`` U-Net calls after the method is applied, one of each
+    kind, are timed, and their mean over a whole schedule, ``sum(weight * seconds)``, is the method's step time.
+
+    ``weights()`` gives one weight per phase (summing to 1); ``summary(weights)`` adds what the bench records
+    besides each phase's seconds (``<phase>_s``); ``note(name, summary)`` is the bench table's line about it.
+    """
+
+    phases: tuple[str, ...]
+    weights: Callable[[], tuple[float, ...]]
+    summary: Callable[[tuple[float, ...]], dict]
+    note: Callable[[str, dict], str]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A package a method needs that tofu-sd does not install: its import name, its name, how to install it."""
+
+    module: str
+    package: str
+    install: str
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry: a compared method.
+
+    ``params(value, options)`` gives what shapes the method's images beyond the run's ``options``, from the value
+    after ``@`` in its name (None when unsuffixed): the manifest records it per name (a run refuses to change it)
+    and ``keys_removed``, the fraction of keys its self-attention drops (None when not fixed), places it on the
+    report's Pareto plot. ``patch(pipe, options, params)`` is a context manager that patches a pipeline (or a
+    bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or a
+    :class:`StepMix`; ``describe(params)`` is an optional line about it in the bench's table.
+    """
+
+    name: str
+    summary: str
+    patch: Callable[[Any, TokenFusionConfig, dict], AbstractContextManager]
+    params: Callable[[float | None, TokenFusionConfig], dict]
+    parameter: Parameter = field(default_factory=Ratio)
+    requires: Requirement | None = None
+    step_mix: StepMix | None = None
+    describe: Callable[[dict], str] | None = None
+    in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
+
+    def parameters(self, value: float | None, options: TokenFusionConfig) -> dict:
+        """``{"method": name, ...}``: the name's parameters (see the class docstring)."""
+        return {"method": self.name, **self.params(value, options)}

@@ -1,0 +1,71 @@
+"""The oracle: a bound on what any reduction at a ratio can gain, with no similarity and no matching at all.
+
+In the blocks that tofu_sd patches, self-attention runs on every ``stride``-th token (a fixed strided subset,
+``stride = round(1 / (1 - ratio))``: 2 at ratio 0.5, 4 at 0.75) and each kept token's output is copied to the
+``stride - 1`` tokens after it: no similarity, no matching, no gather by index. It is what the bench compares
+the reductions' machinery with; its images are not meant to be good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers.hooks import ModelHook
+
+from tofu_sd import TokenFusionConfig
+from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
+from tofu_sd.hooks import register, unregister_all
+
+ORACLE_HOOK = "evaluation.oracle"
+
+
+def oracle_stride(ratio: float) -> int:
+    """Every ``stride``-th token is kept: the stride whose kept fraction ``1 / stride`` is nearest ``1 - ratio``."""
+    return max(1, round(1 / (1 - ratio)))
+
+
+def oracle_keep(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The kept tokens of ``(B, N, C)`` ``x``: every ``stride``-th one (a view)."""
+    return x[:, ::stride]
+
+
+def oracle_spread(kept: torch.Tensor, stride: int, n: int) -> torch.Tensor:
+    """Each kept token's row copied to the ``stride - 1`` tokens after it, ``n`` tokens in all."""
+    b, m, c = kept.shape
+    return kept.unsqueeze(2).expand(b, m, stride, c).reshape(b, m * stride, c)[:, :n]
+
+
+class OracleHook(ModelHook):
+    """Self-attention on every k-th token; each kept token's output is copied to the k - 1 tokens after it."""
+
+    def __init__(self, ratio: float) -> None:
+        super().__init__()
+        self.stride = oracle_stride(ratio)
+        self.n: int | None = None
+
+    def pre_forward(self, module, hidden_states, *args, **kwargs):
+        self.n = hidden_states.shape[1]
+        return (oracle_keep(hidden_states, self.stride), *args), kwargs
+
+    def post_forward(self, module, output):
+        return oracle_spread(output, self.stride, self.n)
+
+
+def oracle_params(value: float | None, options: TokenFusionConfig) -> dict:
+    ratio = options.ratio if value is None else value
+    return {"ratio": ratio, "keys_removed": 1 - 1 / oracle_stride(ratio)}
+
+
+@contextlib.contextmanager
+def oracle_patch(pipe, options: TokenFusionConfig, params: dict):
+    """The oracle on ``attn1`` of the blocks that tofu_sd patches with ``options.max_downsample``; removed
+    through :func:`tofu_sd.hooks.unregister_all`, so the U-Net is left exactly as before (no hook registry, no
+    instance ``forward``)."""
+    unet = unwrap_unet(pipe)
+    try:
+        for site in select_sites(transformer_block_sites(unet), options.max_downsample):
+            register(site.block.attn1, OracleHook(params["ratio"]), ORACLE_HOOK)
+        yield
+    finally:
+        unregister_all(unet, (ORACLE_HOOK,))

@@ -1,0 +1,59 @@
+"""Token Fusion (this project's plugin, :mod:`tofu_sd`) and ToMe (the ``tomesd`` package) as compared methods."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, replace
+
+import tofu_sd
+from tofu_sd import TokenFusionConfig
+from tofu_sd.blocks import transformer_block_sites, unwrap_unet
+
+
+def merged_params(value: float | None, options: TokenFusionConfig) -> dict:
+    """A ratio method's parameters: its ratio (the name's, else the run's) and the tokens (queries and keys)
+    merged away before self-attention."""
+    ratio = options.ratio if value is None else value
+    return {"ratio": ratio, "keys_removed": ratio}
+
+
+def tofu_patch(**overrides):
+    """The patch of ``tofu_sd.apply`` with the run's options, the name's ratio and ``overrides`` (e.g.
+    ``matching="local"``, ``schedule="P"``) in place of the run's."""
+
+    @contextlib.contextmanager
+    def patch(pipe, options: TokenFusionConfig, params: dict):
+        tofu_sd.apply(pipe, **asdict(replace(options, ratio=params["ratio"], **overrides)))
+        try:
+            yield
+        finally:
+            tofu_sd.remove(pipe)
+
+    return patch
+
+
+def tome_max_downsample(pipe, options: TokenFusionConfig) -> int:
+    """tomesd counts downsampling from the U-Net input, tofu_sd from its finest transformer level: patch the same blocks."""
+    finest = min(site.downsample for site in transformer_block_sites(unwrap_unet(pipe)))
+    return options.max_downsample * finest
+
+
+@contextlib.contextmanager
+def tome_patch(pipe, options: TokenFusionConfig, params: dict):
+    """tomesd's patch with the ratio, ``max_downsample``, ``sx``, ``sy`` and ``use_rand`` (ToMe has no schedule
+    and no seed), on the blocks that tofu_sd patches; removed with the ``_tome_info`` that tomesd leaves."""
+    import tomesd
+
+    unet = unwrap_unet(pipe)
+    had_info = {id(m) for m in unet.modules() if "_tome_info" in m.__dict__}
+    tomesd.apply_patch(
+        pipe, ratio=params["ratio"], max_downsample=tome_max_downsample(pipe, options),
+        sx=options.sx, sy=options.sy, use_rand=options.use_rand,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        tomesd.remove_patch(pipe)
+        for module in unet.modules():  # the state tomesd's remove_patch leaves behind
+            if "_tome_info" in module.__dict__ and id(module) not in had_info:
+                del module._tome_info
