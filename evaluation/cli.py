@@ -1,8 +1,10 @@
-"""The ``tofu-sd`` command: ``generate`` images per method, ``evaluate`` them, ``bench`` one denoising step."""
+"""The ``tofu-sd`` command: ``generate`` images per method, ``evaluate`` them, ``analyze`` the functional linearity of
+the patched blocks, ``bench`` one denoising step."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,43 +12,95 @@ from .bench import VARIANTS
 from prompts import PROMPT_SETS, class_names
 
 from .errors import EvaluationError
-from .models import DEFAULT_MODEL, SCHEDULERS, TINY, TINY_RANDOM
+from .models import SCHEDULERS, TINY, TINY_RANDOM
 
 
-def _add_reduction_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("token reduction (tofu_sd.apply options; tome uses ratio, max-downsample, sx, sy, rand)")
+def _defaults(config_class) -> dict:
+    """A config dataclass's defaults by field name: the CLI's defaults are the Python API's."""
+    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, config_class) -> None:
+    """The options of :class:`evaluation.sampling.SamplingOptions`, for generate and analyze alike (same prompts,
+    same seeds); their defaults are ``config_class``'s. Each option's ``dest`` is the field's name."""
+    d = _defaults(config_class)
+    group = parser.add_argument_group("sampling (the same options in generate and analyze; the same seeds give the same images)")
+    group.add_argument("--model", default=d["model"], help=f"hub id, local diffusers folder, '{TINY}' (built-in model trained on coloured shapes, offline) or '{TINY_RANDOM}' (random weights, for tests); default {d['model']}")
+    group.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set: 'shapes' (the default for {TINY}) or 'imagenet' (the default otherwise)")
+    group.add_argument("--classes", default=None, help="class indices of the prompt set, e.g. 0-999 or 1,5,10-19 (default: all)")
+    group.add_argument("--per-class", type=int, default=d["per_class"], help=f"samples per class ({d['per_class']})")
+    group.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps ({d['steps']})")
+    group.add_argument("--seed", type=int, default=d["seed"], help=f"base seed; sample k of class c uses seed*10^6 + c*1000 + k ({d['seed']})")
+    group.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"prompts per pipeline call ({d['batch_size']})")
+    group.add_argument("--device", default=d["device"], help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps, cpu")
+    group.add_argument("--dtype", default=d["dtype"], help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    group.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (model default; a run being extended keeps its own)")
+    group.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (model default; a run being extended keeps its own)")
+    group.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help=f"classifier-free guidance ({d['guidance_scale']})")
+    group.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """The SamplingOptions keyword arguments of parsed options (--classes read against the prompt set)."""
+    from .models import default_prompt_set
+    from .sampling import SamplingOptions, parse_classes
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
+    options["prompts"] = args.prompts or default_prompt_set(args.model)
+    if args.classes is not None:
+        options["classes"] = parse_classes(args.classes, len(class_names(options["prompts"])))
+    return options
+
+
+def _add_reduction_options(parser: argparse.ArgumentParser, measured: bool = False) -> None:
+    """tofu_sd.apply's options; ``measured`` (analyze): those of the reduction whose pairs are measured, without
+    --ratios and --schedule (the schedule is what analyze proposes)."""
+    title = "token reduction whose pairs are measured (tofu_sd.apply options)" if measured else (
+        "token reduction (tofu_sd.apply options; tome uses ratio, max-downsample, sx, sy, rand)"
+    )
+    group = parser.add_argument_group(title)
     group.add_argument("--ratio", type=float, default=None, help="fraction of tokens reduced per patched block (0.5)")
-    group.add_argument("--ratios", default=None, help="sweep: run every reducing method at each of these ratios, as <method>@<ratio>, e.g. 0.3,0.5,0.7 (todo: nearest pooling)")
-    group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up)")
-    group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="patch lower resolutions too")
+    if not measured:
+        group.add_argument("--ratios", default=None, help="sweep: run every reducing method at each of these ratios, as <method>@<ratio>, e.g. 0.3,0.5,0.7 (todo: nearest pooling)")
+        group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up)")
+    group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="blocks apply would patch (1)" if measured else "patch lower resolutions too")
     group.add_argument("--sx", type=int, default=2, help="cell width (2)")
     group.add_argument("--sy", type=int, default=2, help="cell height (2)")
     group.add_argument("--no-rand", dest="use_rand", action="store_false", help="top-left destinations, no randomness")
     group.add_argument("--tofu-seed", type=int, default=None, help="seed of ToFu's destination positions (0)")
+    if not measured:
+        group.add_argument("--rematch-every", type=int, default=1, metavar="K", help="ToFu: reuse each block's matching for K steps of a pipeline call (1: match at every step)")
+
+
+def _reduction(args: argparse.Namespace):
+    """The TokenFusionConfig of the reduction options, validated before anything is loaded."""
+    from tofu_sd import TokenFusionConfig
+
+    try:
+        return TokenFusionConfig(
+            ratio=0.5 if args.ratio is None else args.ratio, schedule=getattr(args, "schedule", None),
+            max_downsample=args.max_downsample, sx=args.sx, sy=args.sy, use_rand=args.use_rand, seed=args.tofu_seed,
+            rematch_every=getattr(args, "rematch_every", 1),
+        )  # fmt: skip
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofu-sd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .analyze import AnalyzeConfig
+    from .generate import GenerateConfig
+    from .methods import METHODS
+
     gen = sub.add_parser("generate", help="generate images over class prompts for each method, same seeds")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder, '{TINY}' (built-in model trained on coloured shapes, offline) or '{TINY_RANDOM}' (random weights, for tests); default {DEFAULT_MODEL}")
-    gen.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set: 'shapes' (the default for {TINY}) or 'imagenet' (the default otherwise)")
-    gen.add_argument("--methods", default="full,tome,tofu", help="comma-separated: full, tome, tofu, todo (token downsampling), catome (needs ca-tome); <method>@<ratio> for one ratio")
-    gen.add_argument("--classes", default=None, help="class indices of the prompt set, e.g. 0-999 or 1,5,10-19 (default: all)")
-    gen.add_argument("--per-class", type=int, default=2, help="samples per class (2)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (50)")
-    gen.add_argument("--seed", type=int, default=0, help="base seed; sample k of class c uses seed*10^6 + c*1000 + k")
     gen.add_argument("--out", required=True, help="run directory, e.g. runs/sd15")
-    gen.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (4)")
-    gen.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps, cpu")
-    gen.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    gen.add_argument("--height", type=int, default=None, help="image height (model default)")
-    gen.add_argument("--width", type=int, default=None, help="image width (model default)")
-    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
-    gen.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
+    gen.add_argument("--methods", default="full,tome,tofu", help=f"comma-separated, any of: {', '.join(METHODS)}; <method>@<ratio> for one ratio (tofu@0.3). full is the unpatched model, tome the tomesd package, tofu-local tofu with local matching, todo token downsampling, catome needs ca-tome")
     gen.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call of each method too")
+    gen.add_argument("--adopt", action="store_true", help="the run's manifest.json is lost: rebuild it from its images' metadata, checked against these options")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sampling_options(gen, GenerateConfig)
     _add_reduction_options(gen)
 
     ev = sub.add_parser("evaluate", help="FID / LPIPS / MS-SSIM of each method against the reference; writes a report")
@@ -57,41 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="device for the metric networks")
     ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
-    an = sub.add_parser("analyze", help="functional linearity (paper Eq. 8) per block; proposes a P/M schedule")
-    an.add_argument("--model", default=DEFAULT_MODEL, help=f"as for generate: hub id, local folder, '{TINY}' or '{TINY_RANDOM}'")
-    an.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set ('shapes' for {TINY}, else 'imagenet')")
-    an.add_argument("--classes", default=None, help="class indices of the prompt set, e.g. 0-47 (default: all)")
-    an.add_argument("--per-class", type=int, default=1, help="samples per class, same seeds as generate (1)")
-    an.add_argument("--steps", type=int, default=20, help="denoising steps; every U-Net call is measured (20)")
-    an.add_argument("--seed", type=int, default=0, help="base seed, as for generate (0)")
+    ev.add_argument("--cost", default=None, metavar="BENCH.json", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it")
+    an = sub.add_parser("analyze", help="functional linearity (paper Eq. 8) per block; proposes a P/M schedule",
+                        description="Every U-Net call of the sampling is measured, with the same seeds as generate.")  # fmt: skip
     an.add_argument("--out", required=True, help="folder for fl.json and fl.png")
     an.add_argument("--all-blocks", action="store_true", help="every transformer block, not only those apply patches")
     an.add_argument("--points", type=int, default=17, help="interpolation points of Eq. 8, ends included (17)")
     an.add_argument("--max-pairs", type=int, default=64, help="pairs per block call and batch element (64)")
     an.add_argument("--threshold", type=float, default=None, help="P below this mean FL, M at or above (1/sqrt(2))")
     an.add_argument("--decision", default="self_attention", choices=("self_attention", "feed_forward", "min"), help="which function's FL decides (self_attention)")
-    an.add_argument("--ratio", type=float, default=0.5, help="reduction ratio whose pairs are measured (0.5)")
-    an.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="blocks apply would patch (1)")
-    an.add_argument("--sx", type=int, default=2, help="cell width (2)")
-    an.add_argument("--sy", type=int, default=2, help="cell height (2)")
-    an.add_argument("--no-rand", dest="use_rand", action="store_false", help="top-left destinations")
-    an.add_argument("--tofu-seed", type=int, default=None, help="seed of the destination positions (0)")
-    an.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (4)")
-    an.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, cpu, ...")
-    an.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    an.add_argument("--height", type=int, default=None, help="image height (model default)")
-    an.add_argument("--width", type=int, default=None, help="image width (model default)")
-    an.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
-    an.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench = sub.add_parser("bench", help="time one denoising step: full, tomesd, tofu schedules, oracle")
-    bench.add_argument("--arch", default="sd15", choices=("sd15", "sdxl", "sd15-level", "tiny"), help="U-Net architecture (random weights); sd15-level: SD 1.5's highest-resolution level alone")
+    _add_sampling_options(an, AnalyzeConfig)
+    _add_reduction_options(an, measured=True)
+    bench = sub.add_parser("bench", help="time one denoising step per method (generate's names), and an oracle")
+    bench.add_argument("--arch", default="sd15", type=lambda a: {"tiny": "tiny-random"}.get(a, a), choices=("sd15", "sdxl", "sd15-level", "tiny-random"), help="U-Net architecture, random weights; sd15-level: SD 1.5's highest-resolution level alone; tiny-random: the tests' tiny SD-1.5 shape (also accepted as its earlier name, tiny)")
     bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8)")
     bench.add_argument(
         "--variants", default=None,
-        help=f"subset of {','.join(VARIANTS)} (default: all; catome only where ca-tome is installed)",
+        help=f"comma-separated method names as for generate, from {','.join(VARIANTS)}, or <method>@<ratio> "
+        "(tofu@0.3, todo@0.75) (default: all; catome only where ca-tome is installed)",
     )  # fmt: skip
-    bench.add_argument("--ratio", type=float, default=0.5)
+    bench.add_argument("--ratio", type=float, default=0.5, help="ratio of the names without @<ratio> (0.5)")
     bench.add_argument("--reps", type=int, default=5, help="interleaved timed rounds (5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (1)")
     bench.add_argument("--batch", type=int, default=2, help="batch size (2, as with classifier-free guidance)")
@@ -101,19 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overhead-tokens", default="4096,16384,65536", help="N for the per-block overhead ('' to skip)")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--no-ops", dest="ops", action="store_false", help="skip counting ops per patched block")
-    bench.add_argument("--call-memory", type=int, default=0, metavar="LATENT", help="also the peak memory of a tiny U-Net call at this latent size (0: skip)")
+    bench.add_argument("--call-memory", type=int, default=0, metavar="LATENT", help="also the peak memory of a tiny-random U-Net call at this latent size (0: skip)")
     bench.add_argument("--json", default=None, help="write the results here")
-    bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny U-Net (for CI)")
+    bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny-random U-Net (for CI)")
     return parser
 
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench, write_json
+    from .methods.names import split_list
 
     ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
     try:
         kwargs = dict(
-            arch=args.arch, latents=tuple(s // 8 for s in ints(args.sizes)), variants=tuple(args.variants.split(",")) if args.variants else None,
+            arch=args.arch, latents=tuple(s // 8 for s in ints(args.sizes)), variants=tuple(split_list(args.variants)) if args.variants else None,
             ratio=args.ratio, reps=args.reps, warmup=args.warmup, batch=args.batch, device=args.device,
             dtype=args.dtype, compile_=args.compile, overhead_tokens=ints(args.overhead_tokens), ops=args.ops,
             call_memory_latent=args.call_memory,
@@ -125,7 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.smoke:
-        kwargs.update(arch="tiny", latents=(16,), reps=2, warmup=1, overhead_tokens=(256,), call_memory_latent=args.call_memory and 16)
+        kwargs.update(arch="tiny-random", latents=(16,), reps=2, warmup=1, overhead_tokens=(256,), call_memory_latent=args.call_memory and 16)
     try:
         result = run_bench(**kwargs, log=lambda msg: print(msg, file=sys.stderr))
     except ValueError as error:
@@ -138,33 +179,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateConfig, generate, is_main_process, parse_classes
-    from tofu_sd import TokenFusionConfig
-
+    from .generate import GenerateConfig, generate
     from .methods import parse_methods, ratios_of
+    from .processes import is_main_process
 
     if args.ratio is not None and args.ratios is not None:
         raise EvaluationError(
             "give --ratio (one ratio for every method) or --ratios (a sweep, one <method>@<ratio> per ratio), not both"
         )
     ratios = ratios_of(args.ratios) if args.ratios is not None else None
-    try:  # validated here, before anything is loaded
-        reduction = TokenFusionConfig(
-            0.5 if args.ratio is None else args.ratio, args.schedule, args.max_downsample, args.sx, args.sy,
-            args.use_rand, args.tofu_seed,
-        )
-    except ValueError as error:
-        raise EvaluationError(str(error)) from error
-    from .models import default_prompt_set
-
-    prompt_set = args.prompts or default_prompt_set(args.model)
-    num_classes = len(class_names(prompt_set))
-    classes = parse_classes(args.classes or f"0-{num_classes - 1}", num_classes)
-    config = GenerateConfig(
-        out=args.out, model=args.model, methods=parse_methods(args.methods, ratios, reduction), classes=classes, prompts=prompt_set,
-        per_class=args.per_class, steps=args.steps, seed=args.seed, reduction=reduction, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, height=args.height, width=args.width,
-        guidance_scale=args.guidance_scale, scheduler=args.scheduler, warmup=args.warmup,
+    reduction = _reduction(args)
+    config = GenerateConfig(  # checks every option that needs no model, before anything is loaded or written
+        **_sampling_options(args), out=args.out, methods=parse_methods(args.methods, ratios, reduction),
+        reduction=reduction, warmup=args.warmup, adopt=args.adopt,
     )  # fmt: skip
     manifest = generate(config, progress=not args.quiet)
     if not is_main_process():  # process 0 of a multi-process launch prints for all of them
@@ -181,7 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluateOptions, evaluate
     from .report import markdown, write_report
 
-    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size)
+    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost)
     report = evaluate(args.run, options)
     paths = write_report(args.run, report, args.grid_columns)
     print(markdown({k: v for k, v in report.items() if k != "names"}))
@@ -191,25 +218,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from .analyze import DEFAULT_THRESHOLD, AnalyzeConfig, analyze, format_summary
-    from .generate import parse_classes
-    from .models import default_prompt_set
-    from tofu_sd import TokenFusionConfig
 
-    try:
-        reduction = TokenFusionConfig(
-            ratio=args.ratio, max_downsample=args.max_downsample, sx=args.sx, sy=args.sy, use_rand=args.use_rand,
-            seed=args.tofu_seed,
-        )
-    except ValueError as error:
-        raise EvaluationError(str(error)) from error
-    prompt_set = args.prompts or default_prompt_set(args.model)
-    classes = parse_classes(args.classes, len(class_names(prompt_set))) if args.classes else None
     config = AnalyzeConfig(
-        out=args.out, model=args.model, prompts=prompt_set, classes=classes, per_class=args.per_class,
-        steps=args.steps, seed=args.seed, reduction=reduction, all_blocks=args.all_blocks, num_points=args.points,
-        max_pairs=args.max_pairs, threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
-        decision=args.decision, batch_size=args.batch_size, device=args.device, dtype=args.dtype, height=args.height,
-        width=args.width, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+        **_sampling_options(args), out=args.out, reduction=_reduction(args), all_blocks=args.all_blocks,
+        num_points=args.points, max_pairs=args.max_pairs, decision=args.decision,
+        threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
     )  # fmt: skip
     result = analyze(config, progress=not args.quiet)
     print(format_summary(result))
@@ -223,22 +236,15 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": _generate, "evaluate": _evaluate, "bench": _bench, "analyze": _analyze}
     try:
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "analyze":
-            return _analyze(args)
+        return commands[args.command](args)  # argparse allows only these commands
     except EvaluationError as error:
         print(f"tofu-sd {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tofu-sd {args.command}: interrupted; finished images are kept, re-run to continue", file=sys.stderr)
         return 130
-    return 1
 
 
 if __name__ == "__main__":

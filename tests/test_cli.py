@@ -4,11 +4,13 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from evaluation import generate as generate_module
 from evaluation.cli import main
+from evaluation.sampling import image_seed
 
 GENERATE = ["generate", "--model", "tiny-random", "--methods", "full,tome,tofu", "--classes", "0-2", "--per-class", "2",
             "--steps", "2", "--batch-size", "4", "--quiet"]  # fmt: skip
@@ -49,6 +51,56 @@ def test_generate_writes_images_metadata_and_manifest(generated_run):
 def test_methods_really_differ_and_share_seeds(generated_run):
     pixels = {m: Image.open(generated_run / m / "0000_0.png").tobytes() for m in ("full", "tome", "tofu")}
     assert len(set(pixels.values())) == 3
+    # The seed each image records is image_seed's for its class and sample, the same for every method...
+    for name in NAMES:
+        c, k = (int(part) for part in name.removesuffix(".png").split("_"))
+        seeds = {m: Image.open(generated_run / m / name).text["seed"] for m in ("full", "tome", "tofu")}
+        assert set(seeds.values()) == {str(image_seed(0, c, k))}, (name, seeds)
+    # ... and the one its pixels were drawn from: a reduced image is far nearer to full's image of the same seed
+    # than to any other (on the random-weight model the initial noise dominates the image).
+    array = lambda m, n: np.asarray(Image.open(generated_run / m / n), dtype=np.float32)  # noqa: E731
+    for method in ("tome", "tofu"):
+        for name in NAMES:
+            distances = {other: np.abs(array(method, name) - array("full", other)).mean() for other in NAMES}
+            nearest, *rest = sorted(distances, key=distances.get)
+            assert nearest == name and distances[name] < 0.2 * min(distances[o] for o in rest), (method, distances)
+
+
+def test_methods_help_names_every_method():
+    from evaluation.cli import build_parser
+    from evaluation.methods import METHODS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
+    helptext = next(a.help for a in sub._actions if a.dest == "methods")
+    named = {name.strip() for name in helptext.split(":", 1)[1].split(";")[0].split(",")}  # "full, tome, ..."
+    assert named == set(METHODS), helptext
+
+
+def test_generate_and_analyze_share_the_sampling_options_and_their_defaults(tmp_path):
+    from dataclasses import fields
+
+    from evaluation.analyze import AnalyzeConfig
+    from evaluation.cli import _sampling_options, build_parser
+    from evaluation.generate import GenerateConfig
+    from evaluation.sampling import SamplingOptions
+
+    parser = build_parser()
+    for command, config_class, per_class, steps in (("generate", GenerateConfig, 2, 50), ("analyze", AnalyzeConfig, 1, 20)):
+        args = parser.parse_args([command, "--out", str(tmp_path)])
+        options = _sampling_options(args)
+        assert set(options) == {f.name for f in fields(SamplingOptions)}
+        built = config_class(**options, out=str(tmp_path), **({"methods": ["full"]} if command == "generate" else {}))
+        assert (built.per_class, built.steps, built.guidance_scale, built.batch_size) == (per_class, steps, 7.5, 4)
+        assert built.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and built.classes == list(range(1000))
+        flags = parser.parse_args([command, "--out", "x", "--model", "tiny", "--classes", "3,5", "--per-class", "7",
+                                   "--steps", "9", "--seed", "4", "--batch-size", "3", "--height", "56", "--width",
+                                   "48", "--guidance-scale", "2", "--scheduler", "ddim", "--dtype", "fp32",
+                                   "--device", "cpu"])  # fmt: skip
+        assert _sampling_options(flags) == dict(
+            model="tiny", prompts="shapes", classes=[3, 5], per_class=7, steps=9, seed=4, batch_size=3, device="cpu",
+            dtype="fp32", height=56, width=48, guidance_scale=2.0, scheduler="ddim",
+        )  # fmt: skip
 
 
 def test_evaluate_report(run_copy, torch_home, capsys):
@@ -57,7 +109,7 @@ def test_evaluate_report(run_copy, torch_home, capsys):
     assert set(report["methods"]) == {"full", "tome", "tofu"}
     assert report["methods"]["full"] | {"sec_per_image": 0, "peak_mem_gb": 0} == {
         "fid": 0.0, "lpips": 0.0, "lpips_std": 0.0, "ms_ssim": 1.0, "ms_ssim_std": 0.0, "prompt_accuracy": None,
-        "sec_per_image": 0, "peak_mem_gb": 0, "n_images": 6,
+        "fd_classifier": None, "sec_per_image": 0, "peak_mem_gb": 0, "n_images": 6,
     }  # fmt: skip
     for method in ("tome", "tofu"):
         m = report["methods"][method]
@@ -65,7 +117,8 @@ def test_evaluate_report(run_copy, torch_home, capsys):
         assert m["sec_per_image"] > 0 and m["peak_mem_gb"] > 0
     assert report["config"]["reference"] == "full" and report["config"]["prompts"] == "imagenet"
     # ImageNet prompts: the shipped classifier knows only the shapes, so no prompt accuracy, and the report says why.
-    assert list(report["unavailable"]) == ["prompt_accuracy"] and "'shapes'" in report["unavailable"]["prompt_accuracy"]
+    assert list(report["unavailable"]) == ["prompt_accuracy", "fd_classifier"]
+    assert "'shapes'" in report["unavailable"]["prompt_accuracy"] and "'shapes'" in report["unavailable"]["fd_classifier"]
     table = (run_copy / "report.md").read_text()
     assert "| tofu |" in table and "Speed-up" in table and "| full | 0.00 | 0.0000 ± 0.0000 | 1.0000" in table
     with Image.open(run_copy / "grid.png") as grid:
@@ -76,7 +129,7 @@ def test_evaluate_report(run_copy, torch_home, capsys):
 def test_evaluate_without_metric_weights_marks_them_unavailable(run_copy, empty_torch_home):
     assert main(["evaluate", str(run_copy)]) == 0
     report = json.loads((run_copy / "report.json").read_text())
-    assert set(report["unavailable"]) == {"fid", "lpips", "prompt_accuracy"}
+    assert set(report["unavailable"]) == {"fid", "lpips", "prompt_accuracy", "fd_classifier"}
     assert "pt_inception-2015-12-05-6726825d.pth" in report["unavailable"]["fid"]
     for m in report["methods"].values():
         assert m["fid"] is None and m["lpips"] is None and m["ms_ssim"] is not None

@@ -16,7 +16,8 @@ import torch
 
 from evaluation import generate as generate_module
 from evaluation.cli import main
-from evaluation.generate import _Processes
+from evaluation.errors import EvaluationError
+from evaluation.processes import Processes
 
 METHODS = ("full", "tome", "tofu")
 # 6 (class, sample) jobs in batches of 2: three batches per method, split 2 + 1 between two processes.
@@ -250,5 +251,5 @@ def test_a_second_independent_generate_is_refused(tmp_path, capsys):
 )  # fmt: skip
 def test_device_that_cannot_be_shared_is_refused(monkeypatch, device, match):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(generate_module.EvaluationError, match=match):
-        _Processes(torch.device(device))
+    with pytest.raises(EvaluationError, match=match):
+        Processes(torch.device(device))

@@ -1,0 +1,355 @@
+"""A run directory of ``tofu-sd generate``: its manifest, the options it is bound to, its lock, its pending work.
+
+Layout::
+
+    runs/NAME/manifest.json                 configuration, library versions, per-method time and memory
+    runs/NAME/<method>/<class:04d>_<k>.png  prompt, seed, method and class in the PNG text metadata
+
+A run directory is bound to the options that shape its images once it holds an image: asking for other ones
+is refused rather than mixing images, and an option left out of a call (``--height``, ``--width``) takes the
+run's value. The manifest is written only after the model loaded and the size passed its check, then after
+every round, always atomically; a write that finds the disk full stops the call with :class:`DiskFull`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+
+from tofu_sd import TokenFusionConfig
+
+from .errors import EvaluationError
+from .files import TMP_SUFFIX, is_disk_full, write_json_atomic
+from .images import image_name, image_problem, parse_image_name
+from .methods import method_params
+from .models import default_size
+from .sampling import SIZE_MULTIPLE, check_size
+
+if TYPE_CHECKING:
+    from .generate import GenerateConfig
+
+MANIFEST = "manifest.json"
+LOCK = ".generate.lock"  # held by the (main) process generating into a run directory
+# Options that change pixels: a run directory keeps the ones it was started with.
+IMAGE_KEYS = ("model", "prompts", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler")
+SIZE_KEYS = ("height", "width")
+SHOWN = 8  # problems named in a message; the rest are counted
+
+
+class DiskFull(EvaluationError):
+    """A write found no space left on the disk; what was written before is kept."""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("tofu-sd", "torch", "diffusers", "transformers", "tomesd"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def listed(items: list[str], shown: int = SHOWN) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def load_manifest(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluationError(
+            f"{path} is unreadable ({error}); it is not a tofu-sd run directory. If its images are tofu-sd's, move "
+            f"{MANIFEST} away and re-run `tofu-sd generate --adopt` with the run's options to rebuild it"
+        ) from error
+
+
+def run_images(run_dir: Path) -> int:
+    """How many files named as tofu-sd names its images ``run_dir`` holds in its folders."""
+    return sum(1 for p in Path(run_dir).glob("*/*.png") if parse_image_name(p.name))
+
+
+def missing_manifest_message(run_dir: Path, command: str) -> str:
+    """Why ``run_dir`` cannot be used without a manifest, and, if it holds images, how to keep them."""
+    count = run_images(run_dir)
+    if not count:
+        then = "choose a new --out" if command == "generate" else "run `tofu-sd generate` first"
+        return f"{run_dir} exists and is not a tofu-sd run directory (no {MANIFEST}); {then}"
+    how = "re-run this command with --adopt" if command == "generate" else (
+        f"run `tofu-sd generate --adopt --out {run_dir}` with the options the images were made with (--model, "
+        "--methods, --seed, --classes, ...), then evaluate again"
+    )
+    return (
+        f"{run_dir} holds {count} images but no {MANIFEST} (it was lost?). To keep the images, {how}: the "
+        "manifest is rebuilt from the images' metadata, checked against the call's options"
+        + (". Or choose a new --out" if command == "generate" else "")
+    )
+
+
+def disk_full(run_dir: Path, error: OSError, methods=(), path: Path | None = None) -> DiskFull:
+    """The one-line stop of a write that found the disk full: what is full, what was kept, how to go on."""
+    run_dir, path = Path(run_dir), path or error.filename
+    where = f"to write {path}" if path else f"in {run_dir}"
+    images = sum(1 for m in methods for _ in (run_dir / m).glob("*.png"))
+    kept = f"{run_dir / MANIFEST} as last written" if (run_dir / MANIFEST).exists() else f"no {MANIFEST} yet"
+    return DiskFull(
+        f"disk full: no space left {where} ({os.strerror(error.errno)}). Kept: {images} finished image(s) and "
+        f"{kept}; no temporary files. Free some space, then re-run the same command to make the rest"
+    )
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold the run directory for this call: a second, independent ``generate`` on it is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise EvaluationError(
+                f"another `tofu-sd generate` (pid {holder}) is writing {run_dir}; wait for it or stop it. To share "
+                "one run between GPUs or processes, start them together with accelerate launch or torchrun (README)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Unit(NamedTuple):
+    """One batch of the job list (``--batch-size`` (class, sample) pairs) and, per method, its missing images."""
+
+    batch: list[tuple[int, int]]
+    missing: list[tuple[str, list[tuple[int, int]]]]  #: (method, its images of the batch not finished), if any
+
+
+class Plan(NamedTuple):
+    """What every process needs to start: the image size and the pending units."""
+
+    height: int
+    width: int
+    units: list[Unit]
+
+    @property
+    def images(self) -> int:
+        return sum(len(jobs) for unit in self.units for _, jobs in unit.missing)
+
+
+def pending_units(config: GenerateConfig, run_dir: Path, size: tuple[int, int]) -> tuple[list[Unit], list[str]]:
+    """Every batch with a missing image, in order, and the images that are there but damaged (to be re-made).
+
+    An image counts as finished if it is whole and of the run's ``size`` (:func:`~evaluation.images.image_problem`:
+    each is read once, without decoding). A batch is always computed whole, as in an uninterrupted one-process
+    run, and only its missing images are saved: the batch size can change an image's last bits (BLAS), so a
+    batch that an interruption left part written is made again whole, and every image equals an uninterrupted
+    run's.
+    """
+    jobs, damaged, units = config.jobs(), [], []
+
+    def finished(method: str, job: tuple[int, int]) -> bool:
+        problem = image_problem(run_dir / method / image_name(*job), size)
+        if problem is not None and problem != "missing":
+            damaged.append(f"{method}/{image_name(*job)} ({problem})")
+        return problem is None
+
+    for start in range(0, len(jobs), config.batch_size):
+        batch = jobs[start : start + config.batch_size]
+        missing = [(m, [j for j in batch if not finished(m, j)]) for m in config.methods]
+        missing = [(m, jobs_m) for m, jobs_m in missing if jobs_m]
+        if missing:
+            units.append(Unit(batch, missing))
+    return units, damaged
+
+
+def image_config(config: GenerateConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    data = asdict(config)
+    data = {key: data[key] for key in IMAGE_KEYS}
+    data.update(device=device.type, dtype=str(dtype).removeprefix("torch."))
+    return data
+
+
+MIXING = "mixing images would make the comparison wrong"
+RERUN = "Re-run with the run's options, or choose a new --out."
+
+
+@dataclass
+class RunDir:
+    """The run directory as the main process holds it for one call: open (checked, locked), then started
+    (bound: the manifest written), then a record of every round."""
+
+    config: GenerateConfig
+    path: Path
+    manifest: dict
+    bound: bool  #: the run holds images, so its image options stand
+    log: Callable[[str], None]
+    session: dict | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, config, device, dtype, stack: contextlib.ExitStack, log) -> RunDir:
+        """Check this call's options against the run's and hold the directory; writes nothing but the lock."""
+        from .adopt import adopt
+
+        path = Path(config.out)
+        if path.exists() and not path.is_dir():
+            raise EvaluationError(f"--out {path} is a file; give a folder for the run")
+        if load_manifest(path) is None and any(p.name != LOCK for p in _entries(path)):
+            if not (config.adopt and run_images(path)):  # a lost manifest (say how to keep the images), or not a run
+                raise EvaluationError(missing_manifest_message(path, "generate"))
+        path.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(locked(path))
+        asked = image_config(config, device, dtype)
+        manifest = load_manifest(path)  # again, now that no other call can be writing it
+        if manifest is None and config.adopt and run_images(path):
+            manifest = adopt(config, path, asked, log)
+        elif config.adopt:
+            log(f"--adopt: {path} has {'its ' + MANIFEST if manifest else 'no image'}; nothing to adopt")
+        fresh = {"config": asked, "classes": [], "per_class": 0, "methods": {}}
+        bound = manifest is not None and any(run_images_of(path, m) for m in manifest.get("methods", {}))
+        if manifest is None:
+            manifest = fresh
+        elif not bound:  # nothing made yet (a first call that failed): this call's options replace the run's
+            if _changed(manifest["config"], asked):
+                manifest = {**fresh, "sessions": manifest.get("sessions", [])}
+        else:
+            changed = _changed(manifest["config"], asked)
+            if changed:
+                lines = "\n".join(f"  {k}: run has {a!r}, this call asks {b!r}" for k, (a, b) in changed.items())
+                raise EvaluationError(f"{path} was generated with other options; {MIXING}:\n{lines}\n{RERUN}")
+        run = cls(config, path, manifest, bound, log)
+        run._add_call()
+        return run
+
+    def _add_call(self) -> None:
+        manifest, config = self.manifest, self.config
+        manifest["classes"] = sorted(set(manifest["classes"]) | set(config.classes))
+        manifest["per_class"] = max(manifest["per_class"], config.per_class)
+        manifest["versions"] = library_versions()
+        for method in config.methods:
+            fresh = {"seconds": 0.0, "images_timed": 0, "peak_mem_bytes": 0}
+            stats = manifest["methods"].setdefault(method, fresh)
+            # A name's own parameters (a sweep's ratio, ToDo's pooling, ...) are bound per method folder.
+            params, old_params = method_params(method, config.reduction), stats.get("params")
+            if old_params is not None and old_params != params:
+                if run_images_of(self.path, method):
+                    raise EvaluationError(
+                        f"{self.path / method} was generated with {old_params}, this call asks {params}; {MIXING}. {RERUN}"
+                    )
+                stats.clear()
+                stats.update(fresh)
+            stats["params"] = params
+
+    def size(self, pipe) -> tuple[int, int]:
+        """(height, width): this call's, else the run's (once it holds images), else the model's default; checked
+        against the pipeline's own rule."""
+        recorded = self.manifest["config"] if self.bound else {}
+        scale = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+        multiple = math.lcm(SIZE_MULTIPLE, scale)
+        why = f"{type(pipe).__name__} needs multiples of {SIZE_MULTIPLE}; its VAE scale factor is {scale}"
+        sides = []
+        for key in SIZE_KEYS:
+            value = getattr(self.config, key) or recorded.get(key) or default_size(pipe)
+            check_size(f"--{key}", value, multiple, why)
+            sides.append(value)
+        return sides[0], sides[1]
+
+    def start(self, pipe, devices: list[str], processes: int) -> Plan:
+        """Bind the run to this call (its size checked against ``pipe``), list the pending work, open a session
+        and write the manifest."""
+        height, width = self.size(pipe)
+        self.manifest["config"].update(height=height, width=width, model_class=type(pipe).__name__)
+        for method in self.config.methods:
+            (self.path / method).mkdir(exist_ok=True)
+            for stale in (self.path / method).glob(f".*{TMP_SUFFIX}"):  # left by a killed write
+                stale.unlink()
+        units, damaged = pending_units(self.config, self.path, (width, height))
+        if damaged:
+            self.log(f"re-making {len(damaged)} damaged image(s): {listed(damaged)}")
+        plan = Plan(height, width, units)
+        for earlier in self.manifest.get("sessions", []):  # one whose main process died: never finished
+            if earlier["status"] == "running":
+                earlier["status"] = "failed"
+        if plan.images:
+            self.session = {"num_processes": processes, "devices": devices, "started": now(), "wall_seconds": 0.0,
+                            "images": 0, "status": "running"}  # fmt: skip
+            self.manifest.setdefault("sessions", []).append(self.session)
+        self.write()
+        return plan
+
+    def write(self) -> None:
+        """Rewrite the manifest atomically (flushed to the disk); DiskFull if there is no space for it."""
+        try:
+            write_json_atomic(self.path / MANIFEST, self.manifest, fsync=True)
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full(self.path, error, self.config.methods, self.path / MANIFEST) from error
+            raise
+
+    def record_round(self, reports: list[dict], status: str | None) -> int:
+        """Add the processes' reports of one round to the manifest (not written) and set the session's status
+        (None: still running); returns how many images the round made."""
+        made = 0
+        for report in reports:
+            made += report["images"]
+            for method, part in report["stats"].items():
+                stats = self.manifest["methods"][method]
+                stats["seconds"] += part["seconds"]
+                stats["images_timed"] += part["images_timed"]
+                stats["peak_mem_bytes"] = max(stats["peak_mem_bytes"], part["peak_mem_bytes"])
+                stats["peak_mem_kind"] = part["peak_mem_kind"]
+        self.session["images"] += made
+        self.session["wall_seconds"] = round(time.perf_counter() - self.started, 3)
+        if status is not None:
+            self.session["status"] = status
+        return made
+
+
+def run_images_of(run_dir: Path, method: str) -> bool:
+    """Whether the method's folder holds a PNG."""
+    return next((Path(run_dir) / method).glob("*.png"), None) is not None
+
+
+def _entries(path: Path) -> list[Path]:
+    return list(path.iterdir()) if path.is_dir() else []
+
+
+def _changed(old: dict, asked: dict) -> dict:
+    """The image options this call asks differently from the run; an unset height / width takes the run's. A
+    reduction option that the run does not record (it was made before the option existed) is at its default."""
+    old.setdefault("prompts", "imagenet")  # runs made before prompt sets existed
+    recorded = dict(old)
+    if isinstance(old.get("reduction"), dict):
+        recorded["reduction"] = {**asdict(TokenFusionConfig()), **old["reduction"]}
+    return {
+        k: (old.get(k), v)
+        for k, v in asked.items()
+        if recorded.get(k) != v and not (v is None and k in SIZE_KEYS)
+    }
