@@ -1,4 +1,5 @@
-"""Compare each method's images with the reference method's (same seeds): FID, LPIPS, MS-SSIM, time, memory."""
+"""Compare each method's images with the reference method's (same seeds): FID, LPIPS, MS-SSIM, with the built-in
+model's classifier prompt accuracy and classifier FD, time, memory, and the cost axis of the Pareto plot."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import EvaluationError, MetricUnavailable
-from .generate import MANIFEST, load_manifest
+from .rundir import load_manifest, missing_manifest_message
 from .metrics import (
+    ClassifierFrechetDistance,
     FrechetInceptionDistance,
     PairwiseLPIPS,
     PairwiseMSSSIM,
@@ -22,7 +24,7 @@ from .metrics import (
 )
 from .models import resolve_device
 from .paired import paired_comparisons
-from .report import pareto_data
+from .pareto import bench_cost, pareto_data
 
 
 @dataclass
@@ -32,6 +34,7 @@ class EvaluateOptions:
     lpips_weights: str | None = None
     device: str = "auto"
     batch_size: int = 16
+    cost: str | None = None  #: a ``tofu-sd bench --json`` file: the Pareto plot's x is its step time vs full
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -60,7 +63,7 @@ def image_sets(run_dir: Path, reference: str) -> tuple[list[str], dict[str, list
     """The methods of the run and their image names, checked to pair one to one with the reference's."""
     manifest = load_manifest(run_dir)
     if manifest is None:
-        raise EvaluationError(f"{run_dir} is not a tofu-sd run directory (no {MANIFEST}); run `tofu-sd generate` first")
+        raise EvaluationError(missing_manifest_message(run_dir, "evaluate"))
     methods = list(manifest.get("methods", {}))
     if reference not in methods:
         raise EvaluationError(f"reference method {reference!r} is not in this run; it has {', '.join(methods) or 'none'}")
@@ -98,12 +101,32 @@ def _class_of(name: str) -> int:
     return int(name.split("_")[0])
 
 
-def _prompt_accuracy(run_dir: Path, method: str, names: list[str], options: EvaluateOptions, classifier):
-    """The method's prompt accuracy and its per-image hits (1 or 0, in ``names`` order)."""
-    metric = PromptAccuracy(classifier)
+def _classifier_metrics(run_dir: Path, method: str, names: list[str], options: EvaluateOptions, classifier, fd):
+    """The method's prompt accuracy, its per-image hits (1 or 0, in ``names`` order) and, if ``fd`` (a
+    :class:`ClassifierFrechetDistance` holding the reference's features) is given, its classifier FD."""
+    accuracy = PromptAccuracy(classifier)
+    if fd is not None:
+        fd.reset(real=False)
     for start, batch in zip(range(0, len(names), options.batch_size), _batches(run_dir, method, names, options.batch_size, None)):
-        metric.update(batch, [_class_of(n) for n in names[start : start + options.batch_size]])
-    return metric.compute()[0], metric.hits
+        accuracy.update(batch, [_class_of(n) for n in names[start : start + options.batch_size]])
+        if fd is not None:
+            fd.update(batch, real=False)
+    return accuracy.compute()[0], accuracy.hits, None if fd is None else fd.compute()
+
+
+def _reference_features(run_dir: Path, names: list[str], options: EvaluateOptions, classifier) -> ClassifierFrechetDistance:
+    """A classifier FD metric holding the reference images' features."""
+    fd = ClassifierFrechetDistance(classifier)
+    for batch in _batches(run_dir, options.reference, names, options.batch_size, None):
+        fd.update(batch, real=True)
+    return fd
+
+
+def _run_ratios(manifest: dict, methods: list[str]) -> dict[str, float | None]:
+    """The ratio each method ran at: its manifest parameters' ratio, else the run's --ratio."""
+    run_ratio = (manifest.get("config", {}).get("reduction") or {}).get("ratio")
+    params = {m: (manifest["methods"].get(m) or {}).get("params") or {} for m in methods}
+    return {m: params[m].get("ratio", None if params[m] else run_ratio) for m in methods}
 
 
 def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int, dict]:
@@ -134,15 +157,8 @@ def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, 
     return entry, n, ms_ssim.scales, per_pair
 
 
-def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
-    """Compute the report data of a run directory (see :mod:`evaluation.report` for writing it)."""
-    run_dir = Path(run_dir)
-    methods, names = image_sets(run_dir, options.reference)
-    manifest = load_manifest(run_dir)
-    device = resolve_device(options.device)
-    ref_names = names[options.reference]
-    size = tuple(load_image(run_dir / options.reference / ref_names[0]).shape[-2:])
-
+def _load_models(options: EvaluateOptions, prompt_set: str, n_images: int, device) -> tuple[dict, dict[str, str]]:
+    """The metric networks that can be had, and for each metric that cannot, why."""
     unavailable: dict[str, str] = {}
     models = {}
     for metric, loader, weights in (("fid", load_inception, options.fid_weights), ("lpips", load_lpips, options.lpips_weights)):
@@ -150,46 +166,56 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
             models[metric] = loader(weights, device)
         except MetricUnavailable as error:
             unavailable[metric] = str(error)
-    if "fid" not in unavailable and len(ref_names) < 2:
+    if "fid" not in unavailable and n_images < 2:
         unavailable["fid"] = "FID needs at least 2 images per method"
         models.pop("fid")
-
-    prompt_set = manifest.get("config", {}).get("prompts", "imagenet")
     if prompt_set == "shapes":
         try:
             models["prompt_accuracy"] = load_prompt_classifier(device)
         except MetricUnavailable as error:
-            unavailable["prompt_accuracy"] = str(error)
+            unavailable["prompt_accuracy"] = unavailable["fd_classifier"] = str(error)
     else:
-        unavailable["prompt_accuracy"] = (
+        unavailable["prompt_accuracy"] = unavailable["fd_classifier"] = (
             f"needs the built-in 'shapes' prompt set (this run used {prompt_set!r}): the shipped classifier knows "
             "only the built-in model's colour-shape classes"
         )
+    if "prompt_accuracy" in models and n_images < 2:
+        unavailable["fd_classifier"] = "the classifier FD needs at least 2 images per method"
+    return models, unavailable
 
-    results: dict[str, dict] = {}
-    per_pair: dict[str, dict[str, list[float]]] = {}
-    ms_ssim_scales = None
-    for method in methods:
-        if method == options.reference:  # trivial by definition: no need to compare a set with itself
-            has_lpips = "lpips" in models
-            entry = {"fid": 0.0 if "fid" in models else None, "lpips": 0.0 if has_lpips else None,
-                     "lpips_std": 0.0 if has_lpips else None, "ms_ssim": 1.0, "ms_ssim_std": 0.0}  # fmt: skip
-            n = len(ref_names)
-            per_pair[method] = {}
-        else:
-            entry, n, ms_ssim_scales, per_pair[method] = _compare(run_dir, options, method, ref_names, size, models)
-        entry["prompt_accuracy"] = None
-        if "prompt_accuracy" in models:
-            entry["prompt_accuracy"], per_pair[method]["prompt_accuracy"] = _prompt_accuracy(
-                run_dir, method, ref_names, options, models["prompt_accuracy"]
-            )
-        stats = manifest["methods"].get(method, {})
-        timed = stats.get("images_timed", 0)
-        entry["sec_per_image"] = stats.get("seconds", 0.0) / timed if timed else None
-        entry["peak_mem_gb"] = stats["peak_mem_bytes"] / 2**30 if stats.get("peak_mem_bytes") else None
-        entry["n_images"] = n
-        results[method] = entry
 
+def _score_method(run_dir, options, method, ref_names, size, models, fd) -> tuple[dict, dict, int | None, int]:
+    """One method's report entry (without time and memory), its per-pair scores, the MS-SSIM scales used and the
+    number of pairs."""
+    scales = None
+    if method == options.reference:  # trivial by definition: no need to compare a set with itself
+        has_lpips = "lpips" in models
+        entry = {"fid": 0.0 if "fid" in models else None, "lpips": 0.0 if has_lpips else None,
+                 "lpips_std": 0.0 if has_lpips else None, "ms_ssim": 1.0, "ms_ssim_std": 0.0}  # fmt: skip
+        n, per_pair = len(ref_names), {}
+    else:
+        entry, n, scales, per_pair = _compare(run_dir, options, method, ref_names, size, models)
+    entry["prompt_accuracy"] = entry["fd_classifier"] = None
+    if "prompt_accuracy" in models:
+        own_fd = None if method == options.reference else fd
+        entry["prompt_accuracy"], per_pair["prompt_accuracy"], entry["fd_classifier"] = _classifier_metrics(
+            run_dir, method, ref_names, options, models["prompt_accuracy"], own_fd
+        )
+        if fd is not None and method == options.reference:
+            entry["fd_classifier"] = 0.0  # a set against itself, by definition
+    return entry, per_pair, scales, n
+
+
+def _timing(stats: dict) -> dict:
+    """Seconds per image and peak memory (GB) from a method's manifest entry; None where not recorded."""
+    timed = stats.get("images_timed", 0)
+    return {
+        "sec_per_image": stats.get("seconds", 0.0) / timed if timed else None,
+        "peak_mem_gb": stats["peak_mem_bytes"] / 2**30 if stats.get("peak_mem_bytes") else None,
+    }
+
+
+def _report_config(manifest: dict, methods: list[str], options: EvaluateOptions, prompt_set: str, scales) -> dict:
     config = dict(manifest.get("config", {}))
     config.setdefault("prompts", prompt_set)
     config.update(
@@ -198,12 +224,39 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         per_class=manifest.get("per_class"),
         versions=manifest.get("versions"),
         peak_mem_kind=next((s.get("peak_mem_kind") for s in manifest["methods"].values() if s.get("peak_mem_kind")), None),
-        ms_ssim_scales=ms_ssim_scales,
+        ms_ssim_scales=scales,
         metric_weights={"fid": options.fid_weights or "torch hub cache", "lpips": options.lpips_weights or "torch hub cache"},
         method_params={m: manifest["methods"].get(m, {}).get("params") for m in methods},
     )
+    return config
+
+
+def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
+    """Compute the report data of a run directory (see :mod:`evaluation.report` for writing it)."""
+    run_dir = Path(run_dir)
+    methods, names = image_sets(run_dir, options.reference)
+    manifest = load_manifest(run_dir)
+    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods)) if options.cost else None
+    device = resolve_device(options.device)
+    ref_names = names[options.reference]
+    size = tuple(load_image(run_dir / options.reference / ref_names[0]).shape[-2:])
+    prompt_set = manifest.get("config", {}).get("prompts", "imagenet")
+    models, unavailable = _load_models(options, prompt_set, len(ref_names), device)
+    fd = None
+    if "prompt_accuracy" in models and "fd_classifier" not in unavailable:
+        fd = _reference_features(run_dir, ref_names, options, models["prompt_accuracy"])
+
+    results: dict[str, dict] = {}
+    per_pair: dict[str, dict[str, list[float]]] = {}
+    ms_ssim_scales = None
+    for method in methods:
+        entry, per_pair[method], scales, n = _score_method(run_dir, options, method, ref_names, size, models, fd)
+        ms_ssim_scales = scales or ms_ssim_scales
+        results[method] = {**entry, **_timing(manifest["methods"].get(method, {})), "n_images": n}
+
+    config = _report_config(manifest, methods, options, prompt_set, ms_ssim_scales)
     report = {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
-    report["pareto"] = pareto_data(report)
+    report["pareto"] = pareto_data(report, cost)
     report["per_pair"] = per_pair
     report["paired"] = paired_comparisons(per_pair, options.reference)
     return report

@@ -1,4 +1,5 @@
-"""FID (pytorch-fid's Inception), LPIPS (lpips, AlexNet) and MS-SSIM (torchmetrics) with an update/compute split.
+"""FID (pytorch-fid's Inception), LPIPS (lpips, AlexNet), MS-SSIM (torchmetrics), and, with the built-in model's
+shape classifier, prompt accuracy and the Fréchet distance of its features, with an update/compute split.
 
 Every ``update`` takes float image batches of shape ``(N, 3, H, W)`` with values in ``[0, 1]``; anything else is a
 ``ValueError``. Weights load the way the libraries load them (the torch hub cache, downloaded on first use); a
@@ -105,28 +106,72 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
     for features in (features_a, features_b):
         if features.ndim != 2 or features.shape[0] < 2:
-            raise ValueError(f"FID needs at least 2 feature vectors per set, got shape {features.shape}")
+            raise ValueError(f"a Fréchet distance needs at least 2 feature vectors per set, got shape {features.shape}")
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     sigma_a = np.atleast_2d(np.cov(features_a, rowvar=False))
     sigma_b = np.atleast_2d(np.cov(features_b, rowvar=False))
     return float(max(calculate_frechet_distance(mu_a, sigma_a, mu_b, sigma_b), 0.0))
 
 
-class FrechetInceptionDistance:
-    """FID between two image sets: ``update(images, real=True/False)`` any number of times, then ``compute()``."""
+class _FrechetDistance:
+    """Fréchet distance between the features of two image sets: ``update(images, real=True/False)`` any number of
+    times, then ``compute()``. Subclasses say which features (``_features``: one row per image)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self) -> None:
         self.features: dict[bool, list[np.ndarray]] = {True: [], False: []}
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, real: bool) -> None:
-        images = check_images(images).to(next(self.model.parameters()).device)
-        pooled = self.model(images)[0].squeeze(-1).squeeze(-1)
-        self.features[bool(real)].append(pooled.double().cpu().numpy())
+        self.features[bool(real)].append(self._features(check_images(images)))
+
+    def reset(self, real: bool = False) -> None:
+        """Forget one set's features (by default the generated one's: the real set can be kept for the next)."""
+        self.features[bool(real)] = []
 
     def compute(self) -> float:
         return frechet_distance(np.concatenate(self.features[True]), np.concatenate(self.features[False]))
+
+    def _features(self, images: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FrechetInceptionDistance(_FrechetDistance):
+    """FID: the Fréchet distance of pytorch-fid's Inception pool3 features (2048 per image)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _features(self, images):
+        pooled = self.model(images.to(next(self.model.parameters()).device))[0].squeeze(-1).squeeze(-1)
+        return pooled.double().cpu().numpy()
+
+
+class ClassifierFrechetDistance(_FrechetDistance):
+    """The FID formula on a classifier's penultimate features: the input of its last layer (``layer``, by default
+    ``classifier.head``), taken with a forward pre-hook while the classifier runs on the images.
+
+    For the built-in model's shape classifier that is the global average of its last conv stage, 128 values per
+    image. An offline distribution-level number: how far a method's images are from the reference's, as the
+    classifier sees them. With fewer images than features the covariances are singular and the distance is biased
+    upwards, so compare methods at the same number of images only.
+    """
+
+    def __init__(self, classifier: torch.nn.Module, layer: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.layer = classifier.head if layer is None else layer
+
+    def _features(self, images):
+        captured: list[torch.Tensor] = []
+        handle = self.layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.classifier(images.to(next(self.classifier.parameters()).device))
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the classifier ran its last layer {len(captured)} times for one batch, expected once")
+        return captured[0].flatten(1).double().cpu().numpy()
 
 
 class _PairwiseMetric:

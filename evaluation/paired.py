@@ -12,7 +12,8 @@ import itertools
 import math
 from collections.abc import Sequence
 
-#: Per-pair metrics: key, label, True if higher is better.
+#: Per-pair metrics: key, label, True if higher is better. Set-level metrics (FID, the classifier FD) have no
+#: per-pair value and are not compared here.
 METRICS = (("ms_ssim", "MS-SSIM", True), ("lpips", "LPIPS", False), ("prompt_accuracy", "prompt hit", True))
 #: |z| at or above this counts as a clear difference (about 95% two-sided under a normal approximation).
 Z_CLEAR = 2.0
@@ -92,6 +93,7 @@ def markdown_lines(comparisons: list[dict]) -> list[str]:
         f"Per image pair (same class and seed), a's score minus b's; standard error = standard deviation of the "
         f"differences / sqrt(n). |z| >= {Z_CLEAR:g} (about 95%, normal approximation) counts as a clear "
         "difference. Prompt hit: 1 if the classifier names the prompted class, else 0. Methods are compared "
-        "within the same ratio.",
+        "within the same ratio. FID and the classifier FD compare whole image sets and have no per-pair value, so "
+        "they are not in this test.",
     ]
     return lines

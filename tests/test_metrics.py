@@ -52,7 +52,11 @@ def test_fid_lpips_msssim_identity_and_perturbation(torch_home):
     same.update(x, x), diff.update(y, x)
     assert same.compute()[0] == pytest.approx(0.0, abs=1e-6)
     mean, std, n = diff.compute()
-    assert mean > 1e-3 and std >= 0 and n == 6
+    # One pair at a time through the lpips package itself (inputs in [-1, 1]): the per-pair values and their spread.
+    alone = [lpips_model(2 * y[i : i + 1] - 1, 2 * x[i : i + 1] - 1).item() for i in range(6)]
+    assert diff.per_pair() == pytest.approx(alone, rel=1e-5)
+    assert mean == pytest.approx(np.mean(alone), rel=1e-5) and std == pytest.approx(np.std(alone), rel=1e-4)
+    assert mean > 1e-3 and std > 0 and n == 6
 
     same, diff = PairwiseMSSSIM(), PairwiseMSSSIM()
     same.update(x, x), diff.update(y, x)
@@ -101,8 +105,13 @@ def test_missing_weights_name_file_url_folder_and_option(empty_torch_home):
 
 def test_weights_from_an_explicit_path(empty_torch_home, metric_weights_dir, monkeypatch):
     checkpoints = metric_weights_dir / "hub" / "checkpoints"
-    assert load_inception(checkpoints / "pt_inception-2015-12-05-6726825d.pth") is not None
-    assert load_lpips(checkpoints / "alexnet-owt-7be5be79.pth") is not None
+    # The models carry the files' values (not, say, freshly initialized ones).
+    inception_file = torch.load(checkpoints / "pt_inception-2015-12-05-6726825d.pth", weights_only=True)
+    inception = load_inception(checkpoints / "pt_inception-2015-12-05-6726825d.pth")
+    assert torch.equal(inception.blocks[0][0].conv.weight, inception_file["Conv2d_1a_3x3.conv.weight"])
+    alexnet_file = torch.load(checkpoints / "alexnet-owt-7be5be79.pth", weights_only=True)
+    first_conv = load_lpips(checkpoints / "alexnet-owt-7be5be79.pth").net.slice1[0].weight
+    assert torch.equal(first_conv, alexnet_file["features.0.weight"])
     assert torch.hub.get_dir() == str(empty_torch_home / "hub")  # the hub folder is restored
     monkeypatch.setenv("TORCH_HOME", str(metric_weights_dir))  # ... and not pinned: TORCH_HOME still counts
     assert torch.hub.get_dir() == str(metric_weights_dir / "hub")

@@ -56,3 +56,14 @@ def test_verdict_follows_the_metric_direction():
     assert verdict({**base, "metric": "lpips", "higher_is_better": False, "mean_diff": -0.01, "z": -1.0}) == "within noise"
     assert verdict({**base, "metric": "ms_ssim", "higher_is_better": True, "mean_diff": 0.0, "z": None}) == "identical"
     assert markdown_lines([]) == []
+
+
+def test_set_level_metrics_stay_out_of_the_paired_test():
+    # Even given per-image lists under their keys, FID and the classifier FD (one number per image set) are not paired.
+    per_pair = {"full": {}, "tome": {"fid": [1.0, 2.0], "fd_classifier": [1.0, 2.0]},
+                "tofu": {"fid": [0.0, 1.0], "fd_classifier": [0.0, 1.5]}}  # fmt: skip
+    assert paired_comparisons(per_pair, "full") == []
+    comps = paired_comparisons({**per_pair, "tofu": {**per_pair["tofu"], "ms_ssim": [0.5, 0.6]},
+                                "tome": {**per_pair["tome"], "ms_ssim": [0.4, 0.6]}}, "full")  # fmt: skip
+    assert [c["metric"] for c in comps] == ["ms_ssim"]
+    assert "FID and the classifier FD compare whole image sets" in " ".join(markdown_lines(comps))

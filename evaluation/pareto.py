@@ -1,0 +1,264 @@
+"""The speed-quality trade-off of a report: each method's fidelity against a cost, as data and as ``pareto.png``.
+
+The cost is one of two:
+
+- ``sec_per_image`` (the default): seconds per image measured while the run was generated. On the built-in
+  model these are fixed overheads (text encoder, VAE, scheduler, Python), not the speed-up of token reduction.
+- ``bench`` (``tofu-sd evaluate --cost BENCH.json``): the U-Net step time that ``tofu-sd bench`` measured for the
+  run's method names, relative to ``full`` in the same bench run: the median over the bench's interleaved rounds
+  of (method's step time / full's step time in that round). One row of panels per image size of the bench.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import EvaluationError
+from .methods.registry import REGISTRY
+from .models import BUILTIN_MODELS
+
+#: Fidelity metrics of the plot: key, label, True if higher is better.
+FIDELITY = (("fid", "FID", False), ("lpips", "LPIPS", False), ("ms_ssim", "MS-SSIM", True),
+            ("prompt_accuracy", "prompt accuracy", True), ("fd_classifier", "classifier FD", False))  # fmt: skip
+TEST_ARCHS = ("tiny", "tiny-random")  #: bench archs that time a tiny random U-Net (tests, --smoke), not SD
+BENCH_X = "step_vs_full"  #: point field of the bench cost: {size: step time / full's}
+BENCH_SECONDS = "step_median_s"  #: point field: {size: the bench's median step seconds}
+OVERHEAD_NOTE = (
+    "x: seconds per image of the built-in model, which are its fixed overheads (text encoder, VAE, scheduler, "
+    "Python), not the speed-up of token reduction; `tofu-sd evaluate --cost BENCH.json` plots SD step time instead."
+)
+
+
+def _family_and_ratio(name: str, params: dict | None, reduction: dict) -> tuple[str, float | None]:
+    """A row's method family and ratio: from the manifest's per-method parameters, else from the name."""
+    family, _, suffix = name.partition("@")
+    if params:
+        return params.get("method", family), params.get("ratio")
+    if suffix:
+        try:
+            return family, float(suffix)
+        except ValueError:
+            return name, None
+    return family, None if family == "full" else reduction.get("ratio")
+
+
+def _uses_run_ratio(method: str) -> bool:
+    """Whether an unsuffixed name of ``method`` runs at the run's (or the bench's) ``--ratio``."""
+    entry = REGISTRY.get(method)
+    return entry is not None and entry.parameter.uses_run_ratio
+
+
+# --- the bench cost ----------------------------------------------------------------------------------------------
+
+
+def read_bench(path: str | Path) -> dict:
+    """A ``tofu-sd bench --json`` file, checked to hold step timings with ``full``; EvaluationError otherwise."""
+    path = Path(path)
+    try:
+        bench = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"cannot read --cost {path} ({error}); write one with `tofu-sd bench --json {path}`") from error
+    steps = bench.get("steps") if isinstance(bench, dict) else None
+    if not isinstance(steps, dict) or not steps:
+        raise EvaluationError(f"--cost {path} holds no step timings (no 'steps' per image size); is it a tofu-sd bench JSON?")
+    if bench.get("arch") in TEST_ARCHS:
+        raise EvaluationError(
+            f"--cost {path} timed the tiny test U-Net (arch {bench['arch']!r}), which says nothing of SD's step time; "
+            "bench --arch sd15 (the whole SD-1.5 U-Net) for a cost axis"
+        )
+    for size, step in steps.items():
+        variants = step.get("variants") if isinstance(step, dict) else None
+        if not str(size).isdigit() or not isinstance(variants, dict) or "full" not in variants:
+            raise EvaluationError(f"--cost {path}: steps[{size!r}] has no timing of 'full', which the cost is relative to")
+        for name, timing in variants.items():
+            if not isinstance(timing, dict) or "median_s" not in timing or not timing.get("seconds"):
+                raise EvaluationError(f"--cost {path}: steps[{size!r}].variants[{name!r}] lacks median_s or seconds")
+    return bench
+
+
+def step_vs_full(step: dict, name: str) -> float:
+    """``name``'s step time relative to ``full``'s in one bench size: the bench's own paired ratio
+    (``ratios["<name>/full"]``: median over rounds of name / full), else the same computed from ``seconds``."""
+    if name == "full":
+        return 1.0
+    recorded = step.get("ratios", {}).get(f"{name}/full")
+    if recorded is not None:
+        return float(recorded)
+    rounds = zip(step["variants"][name]["seconds"], step["variants"]["full"]["seconds"])
+    return statistics.median(a / b for a, b in rounds)
+
+
+def _bench_date(bench: dict, path: Path) -> tuple[str, str]:
+    """The bench's date and where it comes from: its ``date`` field, else the file's modification time."""
+    if bench.get("date"):
+        return str(bench["date"]), "bench"
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return stamp, "file modified"
+
+
+def _same_ratio(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) < 1e-9
+
+
+def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -> list[str]:
+    """A line per run method the bench cannot stand for: not timed at some size, or timed at another ratio."""
+    problems = []
+    timed = {name for step in bench["steps"].values() for name in step["variants"]}
+    for name in methods:
+        sizes = [s for s, step in bench["steps"].items() if name not in step["variants"]]
+        family, at, _ = name.partition("@")
+        if sizes:
+            twins = sorted(t for t in timed if t.partition("@")[0] == family and t != name)
+            twin = " (the run's name has no '@<ratio>': the bench needs that same unsuffixed name)" if twins and not at else ""
+            has = f"; the bench has only {', '.join(twins)}" if twins else ""
+            problems.append(f"  {name}: not timed at {', '.join(sizes)} px{twin}{has}")
+        elif not at and _uses_run_ratio(family) and not _same_ratio(ratios.get(name), bench.get("ratio")):
+            problems.append(
+                f"  {name}: the run's {name} is at ratio {ratios.get(name)}, the bench's unsuffixed {name} at "
+                f"--ratio {bench.get('ratio')}"
+            )
+    return problems
+
+
+def bench_cost(path: str | Path, methods: list[str], ratios: dict[str, float | None]) -> dict:
+    """The cost of each run method from a bench JSON, checked before any metric is computed.
+
+    ``ratios`` maps each method name to the ratio it ran at in the run (for unsuffixed names, which must match the
+    bench's ``ratio``). Returns ``{"cost": <report.json's pareto.cost>, "points": {name: {BENCH_X: {size: x},
+    BENCH_SECONDS: {size: seconds}}}}``. EvaluationError naming every method the bench lacks and the bench
+    command that would time them all.
+    """
+    path = Path(path)
+    bench = read_bench(path)
+    sizes = list(bench["steps"])
+    problems = _missing(bench, methods, ratios)
+    if problems:
+        variants = ",".join(dict.fromkeys(["full", *methods]))
+        unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
+        ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
+        command = (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(sizes)} --variants {variants}"
+                   f"{ratio} --json {path}")  # fmt: skip
+        raise EvaluationError(
+            f"--cost {path} has no step time for some of this run's methods:\n" + "\n".join(problems)
+            + f"\nTime them all in one bench (ratios are paired within a bench run): {command}"
+        )
+    points = {
+        name: {BENCH_X: {s: step_vs_full(bench["steps"][s], name) for s in sizes},
+               BENCH_SECONDS: {s: float(bench["steps"][s]["variants"][name]["median_s"]) for s in sizes}}
+        for name in methods
+    }  # fmt: skip
+    date, date_source = _bench_date(bench, path)
+    cost = {
+        "kind": "bench", "file": str(path), "arch": bench.get("arch"), "sizes": [int(s) for s in sizes],
+        "device": bench.get("device"), "dtype": bench.get("dtype"), "machine": bench.get("machine"),
+        "batch": bench.get("batch"), "compiled": bench.get("compiled"), "date": date, "date_source": date_source,
+    }  # fmt: skip
+    return {"cost": cost, "points": points}
+
+
+# --- the data and the figure -------------------------------------------------------------------------------------
+
+
+def _rows(cost: dict | None, model: str | None) -> tuple[list[dict], str]:
+    """The panel rows (each: the point field of x, its size key, title and x label) and the plot's caption."""
+    if cost is None:
+        caption = OVERHEAD_NOTE if model in BUILTIN_MODELS else "x: seconds per image measured while generating this run."
+        return [{"x": "sec_per_image", "size": None, "title": "", "xlabel": "seconds per image (lower is faster)"}], caption
+    c = cost["cost"]
+    rows = [
+        {"x": BENCH_X, "size": str(size), "title": f"{c['arch']} U-Net step, {size} px, {c['device']} {c['dtype']}, "
+                                                   f"bench of {c['date']}",
+         "xlabel": f"step time relative to full ({size} px, lower is faster)"}
+        for size in c["sizes"]
+    ]  # fmt: skip
+    caption = (f"x: {c['arch']} U-Net step time relative to full, the median over the interleaved rounds of "
+               f"{c['file']} ({c['machine']}, batch {c['batch']}) of method / full in the same round.")  # fmt: skip
+    return rows, caption
+
+
+def x_of(point: dict, row: dict) -> float | None:
+    """A point's x in one panel row."""
+    value = point.get(row["x"])
+    return value.get(row["size"]) if row["size"] is not None and value is not None else value
+
+
+def pareto_data(report: dict, cost: dict | None = None) -> dict:
+    """The numbers behind ``pareto.png``: per method family, its points (one per ratio, by ratio) with seconds per
+    image, the bench's cost if ``cost`` (from :func:`bench_cost`) is given, and every fidelity metric the report
+    has; ``rows`` are the panel rows (one per bench size, else one), ``metrics`` the fidelity metrics with values,
+    ``cost`` which cost x is, ``caption`` what x means."""
+    config, methods = report["config"], report["methods"]
+    params = config.get("method_params") or {}
+    reference = config.get("reference")
+    series: dict[str, list[dict]] = {}
+    for name, m in methods.items():
+        family, ratio = _family_and_ratio(name, params.get(name), config.get("reduction") or {})
+        own = params.get(name) or {}
+        label = f"{ratio:g}" if ratio is not None else (f"T={own['threshold']:g}" if "threshold" in own else None)
+        point = {"name": name, "ratio": ratio, "label": label, "keys_removed": own.get("keys_removed"),
+                 "sec_per_image": m.get("sec_per_image")}  # fmt: skip
+        point.update({key: m[key] for key, _, _ in FIDELITY if key in m})
+        if cost is not None:
+            point.update(cost["points"][name])
+        series.setdefault(name if name == reference else family, []).append(point)
+    for points in series.values():
+        points.sort(key=lambda p: (p["ratio"] is None, p["ratio"] or 0.0))
+    rows, caption = _rows(cost, config.get("model"))
+    metrics = [
+        key for key, _, _ in FIDELITY
+        if key not in report.get("unavailable", {})
+        and any(p.get(key) is not None and x_of(p, rows[0]) for points in series.values() for p in points)
+    ]  # fmt: skip
+    kind = cost["cost"] if cost is not None else {"kind": "sec_per_image"}
+    return {"x": rows[0]["x"], "cost": kind, "rows": rows, "caption": caption, "reference": reference,
+            "metrics": metrics, "series": series}  # fmt: skip
+
+
+def _panel(ax, pareto: dict, row: dict, key: str) -> None:
+    """One metric against one row's x: a line per method family, ratios labelled, the reference a star."""
+    labels = {k: (label, higher) for k, label, higher in FIDELITY}
+    for family, points in pareto["series"].items():
+        shown = [(x_of(p, row), p) for p in points if p.get(key) is not None and x_of(p, row)]
+        if not shown:
+            continue
+        xs, ys = [x for x, _ in shown], [p[key] for _, p in shown]
+        if family == pareto["reference"]:
+            ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label=family, zorder=3)
+            continue
+        ax.plot(xs, ys, marker="o", label=family)
+        for x, p in shown:
+            if p["label"] is not None:
+                ax.annotate(p["label"], (x, p[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    label, higher = labels[key]
+    ax.set_xlabel(row["xlabel"])
+    ax.set_ylabel(f"{label} vs {pareto['reference']} ({'higher' if higher else 'lower'} is better)")
+    if row["title"]:
+        ax.set_title(row["title"], fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def pareto_figure(pareto: dict, title: str = ""):
+    """A grid of panels, a row per cost row (bench size) and a column per fidelity metric, with the caption
+    under it. Reports written before ``rows`` existed plot seconds per image. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    metrics = pareto["metrics"]
+    rows = pareto.get("rows") or [{"x": "sec_per_image", "size": None, "title": "", "xlabel": "seconds per image"}]
+    columns = max(1, len(metrics))
+    fig = Figure(figsize=(4.6 * columns, 4.2 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for row, row_axes in zip(rows, axes):
+        for ax, key in zip(row_axes, metrics):
+            _panel(ax, pareto, row, key)
+    if not metrics:
+        axes[0][0].text(0.5, 0.5, "no fidelity metric available", ha="center", va="center", transform=axes[0][0].transAxes)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if pareto.get("caption"):
+        fig.supxlabel(textwrap.fill(pareto["caption"], 40 * columns), fontsize=8)
+    return fig
