@@ -3,30 +3,30 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import tofu_sd
-from evaluation.analyze import (
+from evaluation.analyze import AnalyzeConfig, analyze, matched_pairs
+from evaluation.linearity import (
     DEFAULT_THRESHOLD,
     FUNCTIONS,
     TIMESTEP_GROUPS,
-    AnalyzeConfig,
-    analyze,
     functional_linearity,
     interpolation_points,
-    matched_pairs,
     path_linearity,
     propose_schedule,
     query_attention,
+    summarize,
     timestep_group,
 )
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
 from tofu_sd import TokenFusionConfig
 from tofu_sd.blocks import select_sites, transformer_block_sites
-from tofu_sd.merge import bipartite_soft_matching, cell_offsets, partition
+from tofu_sd.reference import bipartite_soft_matching, cell_offsets, partition
 
 # --- Eq. 8 on closed forms ----------------------------------------------------------------------------------------
 
@@ -103,6 +103,16 @@ def test_propose_schedule_and_timestep_groups():
     assert [timestep_group(t, 1000) for t in (999, 667, 666, 334, 333, 0)] == [
         "early", "early", "middle", "middle", "late", "late"
     ]  # fmt: skip
+
+
+def test_summary_statistics_of_known_values():
+    values = np.array([0.2, 0.4, 0.4, 0.6, 1.0])
+    stats = summarize(values)
+    assert stats["count"] == 5 and stats["mean"] == pytest.approx(0.52)
+    assert stats["std"] == pytest.approx(np.sqrt(((values - 0.52) ** 2).mean()))  # population std: 0.2713
+    assert stats["median"] == pytest.approx(0.4) and stats["q25"] == pytest.approx(0.4)
+    assert stats["q05"] == pytest.approx(0.2 + 0.2 * 0.2) and stats["q95"] == pytest.approx(0.6 + 0.8 * 0.4)
+    assert summarize(np.array([]))["std"] is None
 
 
 # --- the pairs and the attention function are those of the reduction ------------------------------------------
@@ -221,7 +231,8 @@ def test_analysis_output_counts_groups_and_schedule_apply(tiny_pipe_factory, tmp
             stats = block["fl"][function]
             assert stats["count"] == steps * per_call
             assert 0 < stats["q05"] <= stats["q25"] <= stats["median"] <= stats["q75"] <= stats["q95"] <= 1
-            assert 0 < stats["mean"] <= 1 and stats["std"] >= 0
+            # FL values lie in (0, 1] and vary between pairs: a spread above 0 and at most 0.5, the largest in [0, 1].
+            assert 0 < stats["mean"] <= 1 and 0 < stats["std"] <= 0.5
             for group in TIMESTEP_GROUPS:
                 assert stats["by_timestep"][group]["count"] == groups.count(group) * per_call
     assert result["method"]["num_points"] == 17 and result["apply_kwargs"]["max_downsample"] == 1
