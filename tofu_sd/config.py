@@ -19,7 +19,8 @@ class TokenFusionConfig:
 
     Args:
         ratio (`float`, defaults to `0.5`):
-            Fraction of the tokens removed before self-attention in each patched block: ``r = int(N * ratio)``.
+            Fraction of the tokens removed before self-attention in each patched block: ``r = int(N * ratio)``
+            (with ``reduce="kv"``, removed from its keys and values only).
             Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing. Any
             real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
         schedule (`str`, *optional*):
@@ -59,20 +60,31 @@ class TokenFusionConfig:
             sources matched to it; 1 for an unmatched token), so ``s`` identical tokens weigh as they do in
             full attention. No restore step. A call with its own attention mask is left unreduced.
         rematch_every (`int`, defaults to `1`):
-            Compute each block's partition and matching at one denoising step and reuse them for the next
-            ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call. Steps are read
-            from the U-Net's ``timestep`` argument, call by call, per thread: a call whose timestep is lower than
-            the previous call's starts a new step; one at the same timestep belongs to the same step (e.g. the
-            conditional and unconditional halves of classifier-free guidance run as two calls; one batched call
-            holds both halves anyway); one whose timestep is higher than the previous call's, the first call,
-            and a call without a timestep start a new pipeline call, whose first step matches afresh. A step
-            whose index in its pipeline call is a multiple of ``rematch_every`` matches; the other steps reuse
-            the matchings of the last matching step, looked up by block, grid, batch size, device, dtype and
-            the call's position in its step (only the first :data:`~tofu_sd.hooks.MAX_CALLS_PER_STEP`); a
-            call with no stored matching there matches (and stores) its own. Only the matchings since the last
-            matching step are kept. Inside a fully ``torch.compile``-d U-Net every call matches (the step
-            count is host-side state that a compiled graph cannot branch on without a graph break or a
-            recompile per step); with the transformer blocks compiled and the U-Net itself eager, reuse works.
+            Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
+            the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and
+            counts nothing). Steps are counted per thread from the ``timestep`` argument of successive U-Net
+            calls (its first element, read on the host: a device sync for a tensor on an accelerator):
+
+            - the first call, a call without a timestep, and a call whose timestep is *higher* than the previous
+              call's start a new pipeline call: step 0;
+            - a call whose timestep is *lower* than the previous call's starts the next step;
+            - a call at the *same* timestep belongs to the same step: the conditional and unconditional calls of
+              classifier-free guidance run separately, or the two evaluations of a second-order sampler (a
+              batched CFG call holds both halves in one call).
+
+            Step ``i`` of a pipeline call is a matching step when ``i % rematch_every == 0``: its first call drops
+            the stored matchings, and each of its calls matches and stores its own. At the other steps a call
+            takes, for each block, the matching stored for the same block, grid, batch size, device, dtype and
+            position of the call in its step, and matches (and stores) its own if there is none, e.g. after a
+            change of image size. Only the first :data:`~tofu_sd.hooks.MAX_CALLS_PER_STEP` calls of a step store
+            theirs. So at most one matching per block, shape and position is kept, from the last matching step
+            on; it stays until the next pipeline call's first step (or :func:`~tofu_sd.remove`). A pipeline
+            call that starts at the timestep where the previous one ended (or lower) continues its step count:
+            a single-step sampler (every call at one timestep) then matches at every call, as with ``1``.
+            In a U-Net compiled whole with ``torch.compile`` every call matches: the count is host state that a
+            graph could only branch on through a graph break or a recompile per step. With only the transformer
+            blocks compiled (the U-Net itself eager), matchings are reused, through two graphs per block
+            (matching and reusing).
     """
 
     ratio: float = 0.5

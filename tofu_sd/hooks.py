@@ -118,7 +118,7 @@ class CallState(threading.local):
         for the same block, grid, batch, device, dtype and position in the step, else a new one (stored)."""
         if not (self.reusing or self.storing):  # rematch_every=1, or a compiled graph: nothing stored to read
             return match(x, self.plan(index, h, w, x))
-        key = (index, x.shape[0], x.device, x.dtype, self.position, 0, 0)
+        key = (index, h, w, x.shape[0], x.device, x.dtype, self.position)
         if self.reusing:
             stored = self.matchings.get(key)
             if stored is not None:
