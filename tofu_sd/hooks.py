@@ -216,12 +216,16 @@ class MatchingHook(ModelHook):
         return output
 
 
-class SelfAttentionHook(ModelHook):
-    """Runs ``attn1`` on the reduced tokens, then gives every token its output back (one gather)."""
+class _AttentionHook(ModelHook):
+    """A hook on a patched block's ``attn1`` that reduces with the block's matching and schedule letter."""
 
     def __init__(self, state: BlockState, letter: str) -> None:
         super().__init__()
         self.state, self.letter, self.mode = state, letter, MODES[letter]
+
+
+class SelfAttentionHook(_AttentionHook):
+    """Runs ``attn1`` on the reduced tokens, then gives every token its output back (one gather)."""
 
     def pre_forward(self, module, *args, **kwargs):
         m = self.state.matching
@@ -244,7 +248,7 @@ class SelfAttentionHook(ModelHook):
         return restore_tokens(output, m)
 
 
-class KeyValueHook(ModelHook):
+class KeyValueHook(_AttentionHook):
     """Runs ``attn1`` with every token as a query and the reduced tokens as its keys and values, through the
     attention processor's own ``encoder_hidden_states``, with proportional attention's ``log(size)`` bias as an
     additive ``attention_mask`` of shape ``(B, 1, N - r)`` (broadcast over heads and queries by diffusers).
@@ -252,10 +256,6 @@ class KeyValueHook(ModelHook):
     ``attn1`` must take its keys and values from ``encoder_hidden_states`` unchanged (no ``norm_cross``,
     ``group_norm`` or ``spatial_norm``; :func:`check_key_value_attention`). Calls that already have keys and
     values of their own or an attention mask are left alone."""
-
-    def __init__(self, state: BlockState, letter: str) -> None:
-        super().__init__()
-        self.state, self.letter, self.mode = state, letter, MODES[letter]
 
     def pre_forward(self, module, *args, **kwargs):
         m = self.state.matching
