@@ -66,8 +66,10 @@ def test_a_new_method_is_one_entry(monkeypatch):
         finally:
             handle.remove()
 
-    mix = StepMix(("first", "rest"), lambda: (0.25, 0.75), lambda w: {"first_weight": w[0]}, lambda name, s: "two phases")
-    monkeypatch.setitem(REGISTRY, "dummy", Method("dummy", "a test method", patch, merged_params, step_mix=mix))
+    mix = StepMix(("first", "rest"), (0.25, 0.75), {"first_weight": 0.25}, lambda name, s: "two phases")
+    monkeypatch.setitem(
+        REGISTRY, "dummy", Method("dummy", "a test method", patch, merged_params, step_mix=lambda params, options: mix)
+    )
     assert parse_methods("full,dummy", [0.3, 0.6]) == ["full", "dummy@0.3", "dummy@0.6"]
     assert method_params("dummy@0.3", TokenFusionConfig()) == {"method": "dummy", "ratio": 0.3, "keys_removed": 0.3}
     unet = tiny_unet("sd15")

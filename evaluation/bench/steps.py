@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tofu_sd import TokenFusionConfig
+
 from ..memory import PeakMemory
 from .profiling import peak_alloc_bytes
-from .variants import resolve_variant, variant_applied, variant_params
+from .variants import BENCH_OPTIONS, variant_applied, variant_mix, variant_params
 
 #: Ratios of these methods' variants to those of :data:`BASELINES` at the same ratio are reported.
 REDUCERS = ("tofu", "tofu-local")
@@ -61,47 +63,53 @@ def peak_step_bytes(unet, fn, device: torch.device) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def time_steps(unet, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool):
+def time_steps(
+    unet, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool,
+    options: TokenFusionConfig = BENCH_OPTIONS,
+):  # fmt: skip
     """Per variant: peak memory of one step, then ``reps`` timed steps in interleaved rounds.
 
-    A variant whose method has a :class:`~evaluation.methods.base.StepMix` (CA-ToMe: it matches at a few steps
-    and reuses the matchings at the rest) is timed at each phase of a fresh application in every round, and its
-    step time is their mean over a whole schedule.
+    A variant with a :class:`~evaluation.methods.base.StepMix` (CA-ToMe, or ToFu with ``rematch_every > 1``: they
+    match at some steps and reuse the matchings at the rest) is timed at each phase of a fresh application in
+    every round, each phase's call at its own timestep if the mix gives one, and its step time is their mean
+    over a whole schedule.
     """
     kind = ""
     model = torch.compile(unet) if compile_ else unet
     times = {v: StepTimes() for v in variants}
-    mixes = {v: resolve_variant(v, ratio).method.step_mix for v in variants}
-    weights = {v: mix.weights() for v, mix in mixes.items() if mix is not None}
+    mixes = {v: variant_mix(v, ratio, options) for v in variants}
     for variant in variants:
-        with variant_applied(unet, variant, ratio):
+        with variant_applied(unet, variant, ratio, options):
             for _ in range(warmup):
                 unet_step(model, inputs)
             times[variant].peak_mem_bytes, kind = peak_step_bytes(unet, lambda: unet_step(model, inputs), device)
 
-    def timed() -> float:
+    def timed(timestep: int | None = None) -> float:
+        call_inputs = inputs if timestep is None else {**inputs, "timestep": torch.tensor(timestep, device=device)}
         sync(device)
         t0 = time.perf_counter()
-        unet_step(model, inputs)
+        unet_step(model, call_inputs)
         sync(device)
         return time.perf_counter() - t0
 
     for _ in range(reps):
         for variant in variants:
-            with variant_applied(unet, variant, ratio):
+            with variant_applied(unet, variant, ratio, options):
                 if compile_:
                     unet_step(model, inputs)  # the patch changed: let the compiler retrace outside the timing
                 mix, t = mixes[variant], times[variant]
                 if mix is None:
                     t.seconds.append(timed())
                     continue
-                phase_seconds = [timed() for _ in mix.phases]
+                phase_seconds = [timed(step) for step in (mix.timesteps or (None,) * len(mix.phases))]
                 for phase, seconds in zip(mix.phases, phase_seconds):
                     t.phases.setdefault(phase, []).append(seconds)
-                t.seconds.append(sum(w * s for w, s in zip(weights[variant], phase_seconds)))
+                t.seconds.append(sum(w * s for w, s in zip(mix.weights, phase_seconds)))
     summaries = {v: t.summary() for v, t in times.items()}
-    for variant, w in weights.items():
-        summaries[variant].update(mixes[variant].summary(w))
+    for variant, mix in mixes.items():
+        if mix is not None:
+            summaries[variant].update(mix.summary)
+            summaries[variant]["step_mix"] = mix.note(variant, summaries[variant])
     return summaries, kind
 
 

@@ -13,8 +13,8 @@ def _notes(result: dict, variants: dict) -> list[str]:
     lines = []
     for name, stats in variants.items():
         method = parse_name(name).method
-        if method.step_mix is not None:
-            lines.append(f"  {name}: {method.step_mix.note(name, stats)}")
+        if "step_mix" in stats:
+            lines.append(f"  {name}: {stats['step_mix']}")
         if method.describe is not None:
             lines.append(f"  {name}: {method.describe(variant_params(name, result['ratio']))}")
     return lines

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tofu_sd import TokenFusionConfig
 
+from ..methods.base import StepMix
 from ..methods.names import Name, normal_names, parse_name
 from ..methods.registry import METHODS, REGISTRY
 
 #: Every method of the registry, in its order; those in the bench's default set are :func:`default_variants`.
 VARIANTS = METHODS
-#: The options of every variant besides its name's parameter: tofu_sd's defaults.
+#: The options of every variant besides its name's parameter: tofu_sd's defaults (``--rematch-every`` aside).
 BENCH_OPTIONS = TokenFusionConfig()
 
 
@@ -35,27 +37,39 @@ def resolve_variant(variant: str, ratio: float) -> Name:
     return name
 
 
-def parse_variants(variants: Sequence[str], ratio: float) -> list[str]:
+def bench_options(rematch_every: int = 1) -> TokenFusionConfig:
+    """The options of every variant besides its name's parameter: :data:`BENCH_OPTIONS`, with ``rematch_every``
+    (ValueError if it is out of range)."""
+    return replace(BENCH_OPTIONS, rematch_every=rematch_every)
+
+
+def parse_variants(variants: Sequence[str], ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> list[str]:
     """The variants in normal form (``tofu@.50`` -> ``tofu@0.5``); EvaluationError (or ValueError, for a missing
     package) saying what to fix."""
-    names = normal_names(list(variants), BENCH_OPTIONS, noun="variant")
+    names = normal_names(list(variants), options, noun="variant")
     for label in names:
         name = resolve_variant(label, ratio)
         if name.value is not None:
-            name.method.parameter.check(label, name.value, BENCH_OPTIONS)
+            name.method.parameter.check(label, name.value, options)
         needs = name.method.requires
         if needs is not None and not needs.available():
             raise ValueError(f"variant {label} needs the {needs.package} package: {needs.install}")
     return names
 
 
-def variant_params(variant: str, ratio: float) -> dict:
-    return resolve_variant(variant, ratio).params(BENCH_OPTIONS)
+def variant_params(variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> dict:
+    return resolve_variant(variant, ratio).params(options)
+
+
+def variant_mix(variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> StepMix | None:
+    """How the bench times the variant's step (:class:`~evaluation.methods.base.StepMix`), or None: one call."""
+    name = resolve_variant(variant, ratio)
+    return name.method.mix(name.params(options), options)
 
 
 @contextlib.contextmanager
-def variant_applied(unet, variant: str, ratio: float):
+def variant_applied(unet, variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS):
     """Patch ``unet`` as the name ``variant`` says (at ``ratio`` unless it says otherwise) for the block."""
     name = resolve_variant(variant, ratio)
-    with name.method.patch(unet, BENCH_OPTIONS, name.params(BENCH_OPTIONS)):
+    with name.method.patch(unet, options, name.params(options)):
         yield

@@ -75,14 +75,23 @@ class StepMix:
     and reuses at the others): the first ``len(phases)`` U-Net calls after the method is applied, one of each
     kind, are timed, and their mean over a whole schedule, ``sum(weight * seconds)``, is the method's step time.
 
-    ``weights()`` gives one weight per phase (summing to 1); ``summary(weights)`` adds what the bench records
-    besides each phase's seconds (``<phase>_s``); ``note(name, summary)`` is the bench table's line about it.
+    ``weights`` has one weight per phase (summing to 1); ``timesteps``, if given, the timestep of each phase's
+    call (a method that counts steps from timesteps needs them to fall), else every call takes the bench's;
+    ``summary`` is what the bench records besides each phase's seconds (``<phase>_s``); ``note(name, summary)``
+    is the bench table's line about it.
     """
 
     phases: tuple[str, ...]
-    weights: Callable[[], tuple[float, ...]]
-    summary: Callable[[tuple[float, ...]], dict]
+    weights: tuple[float, ...]
+    summary: dict
     note: Callable[[str, dict], str]
+    timesteps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.phases) or abs(sum(self.weights) - 1) > 1e-9:
+            raise ValueError(f"a StepMix needs one weight per phase, summing to 1; got {self.weights} for {self.phases}")
+        if self.timesteps is not None and len(self.timesteps) != len(self.phases):
+            raise ValueError(f"a StepMix needs one timestep per phase; got {self.timesteps} for {self.phases}")
 
 
 @dataclass(frozen=True)
@@ -105,8 +114,8 @@ class Method:
     after ``@`` in its name (None when unsuffixed): the manifest records it per name (a run refuses to change it)
     and ``keys_removed``, the fraction of keys its self-attention drops (None when not fixed), places it on the
     report's Pareto plot. ``patch(pipe, options, params)`` is a context manager that patches a pipeline (or a
-    bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or a
-    :class:`StepMix`; ``describe(params)`` is an optional line about it in the bench's table.
+    bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or the
+    :class:`StepMix` that ``step_mix`` gives; ``describe(params)`` is an optional line about it in the bench's table.
     """
 
     name: str
@@ -115,10 +124,16 @@ class Method:
     params: Callable[[float | None, TokenFusionConfig], dict]
     parameter: Parameter = field(default_factory=Ratio)
     requires: Requirement | None = None
-    step_mix: StepMix | None = None
+    #: ``step_mix(params, options)``: how the bench times the step of the name with ``params`` under the bench's
+    #: ``options``, or None (one call is the step)
+    step_mix: Callable[[dict, TokenFusionConfig], StepMix | None] | None = None
     describe: Callable[[dict], str] | None = None
     in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
 
     def parameters(self, value: float | None, options: TokenFusionConfig) -> dict:
         """``{"method": name, ...}``: the name's parameters (see the class docstring)."""
         return {"method": self.name, **self.params(value, options)}
+
+    def mix(self, params: dict, options: TokenFusionConfig) -> StepMix | None:
+        """The :class:`StepMix` of the name with ``params`` under ``options``, or None."""
+        return None if self.step_mix is None else self.step_mix(params, options)

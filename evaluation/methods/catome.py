@@ -113,11 +113,6 @@ def catome_compute_fraction(steps: int = CATOME_BARE_STEPS) -> float:
     return (1 + len({s for s in getattr(CacheConf, CATOME_CACHE) if 2 <= s <= steps})) / steps
 
 
-def _weights() -> tuple[float, float]:
-    share = catome_compute_fraction()
-    return share, 1 - share
-
-
 def _note(name: str, summary: dict) -> str:
     return (
         f"per-step mean of a {summary['schedule_steps']}-step schedule, {summary['compute_fraction']:.0%} of steps "
@@ -126,11 +121,11 @@ def _note(name: str, summary: dict) -> str:
     )
 
 
-#: A fresh application's first U-Net call matches (step 1), its second reuses the matchings (step 2 is in no
-#: cache schedule), weighed as a :data:`CATOME_BARE_STEPS`-step schedule does.
-STEP_MIX = StepMix(
-    phases=("compute", "cached"),
-    weights=_weights,
-    summary=lambda weights: {"compute_fraction": weights[0], "schedule_steps": CATOME_BARE_STEPS},
-    note=_note,
-)
+def step_mix(params: dict, options: TokenFusionConfig) -> StepMix:
+    """A fresh application's first U-Net call matches (step 1), its second reuses the matchings (step 2 is in no
+    cache schedule), weighed as a :data:`CATOME_BARE_STEPS`-step schedule does."""
+    share = catome_compute_fraction()
+    return StepMix(
+        phases=("compute", "cached"), weights=(share, 1 - share),
+        summary={"compute_fraction": share, "schedule_steps": CATOME_BARE_STEPS}, note=_note,
+    )  # fmt: skip

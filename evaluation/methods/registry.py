@@ -14,7 +14,7 @@ import contextlib
 from ..errors import EvaluationError
 from . import catome, oracle, todo
 from .base import Method, NoParameter, Parameter, Requirement
-from .tofu import merged_params, tofu_patch, tome_patch
+from .tofu import merged_params, rematch_mix, tofu_patch, tome_patch
 
 
 @contextlib.contextmanager
@@ -23,7 +23,7 @@ def _unpatched(pipe, options, params):
 
 
 def _tofu(name: str, summary: str, **overrides) -> Method:
-    return Method(name, summary, tofu_patch(**overrides), merged_params)
+    return Method(name, summary, tofu_patch(**overrides), merged_params, step_mix=rematch_mix)
 
 
 ENTRIES = (
@@ -41,7 +41,7 @@ ENTRIES = (
            todo.todo_params, parameter=todo.POOLING, describe=todo.describe),  # fmt: skip
     Method("catome", "CA-ToMe, the ca-tome package: a similarity threshold, matchings cached across steps",
            catome.catome_patch, catome.catome_params, parameter=NoParameter("its own parameter is a similarity threshold"),
-           requires=Requirement("ca_tome", "ca-tome", catome.CATOME_INSTALL), step_mix=catome.STEP_MIX),  # fmt: skip
+           requires=Requirement("ca_tome", "ca-tome", catome.CATOME_INSTALL), step_mix=catome.step_mix),  # fmt: skip
     Method("oracle", "self-attention on a fixed strided subset, outputs copied: a bound with no matching",
            oracle.oracle_patch, oracle.oracle_params, parameter=Parameter()),  # fmt: skip
 )

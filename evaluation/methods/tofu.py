@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 from dataclasses import asdict, replace
 
 import tofu_sd
 from tofu_sd import TokenFusionConfig
 from tofu_sd.blocks import transformer_block_sites, unwrap_unet
+
+from .base import StepMix
 
 
 def merged_params(value: float | None, options: TokenFusionConfig) -> dict:
@@ -15,6 +18,27 @@ def merged_params(value: float | None, options: TokenFusionConfig) -> dict:
     merged away before self-attention."""
     ratio = options.ratio if value is None else value
     return {"ratio": ratio, "keys_removed": ratio}
+
+
+#: The timesteps of the bench's two calls of a ``rematch_every`` schedule: the second is the next step (lower).
+REMATCH_TIMESTEPS = (500, 480)
+
+
+def rematch_mix(params: dict, options: TokenFusionConfig) -> StepMix | None:
+    """With ``rematch_every=k > 1`` a step matches once every k steps and reuses the stored matchings at the
+    others: the bench times a fresh application's first call (step 0, matching) and a call at a lower timestep
+    (step 1, reusing) and weighs them 1/k and (k-1)/k. None (one call is the step) for ``k = 1``."""
+    k = options.rematch_every
+    if k == 1:
+        return None
+    return StepMix(
+        phases=("match", "reuse"), weights=(1 / k, 1 - 1 / k), summary={"rematch_every": k},
+        note=lambda name, s: (
+            f"rematch_every={k}: per-step mean of 1 matching step (median {statistics.median(s['match_s']):.4f} s) "
+            f"and {k - 1} reusing (median {statistics.median(s['reuse_s']):.4f} s)"
+        ),
+        timesteps=REMATCH_TIMESTEPS,
+    )  # fmt: skip
 
 
 def tofu_patch(**overrides):
