@@ -23,7 +23,7 @@ from .metrics import (
     load_prompt_classifier,
 )
 from .models import resolve_device
-from .paired import paired_comparisons
+from .paired import paired_comparisons, parse_pairs
 from .pareto import bench_cost, pareto_data
 
 
@@ -35,6 +35,7 @@ class EvaluateOptions:
     device: str = "auto"
     batch_size: int = 16
     cost: str | None = None  #: a ``tofu-sd bench --json`` file: the Pareto plot's x is its step time vs full
+    compare: str | None = None  #: extra paired comparisons, ``"a:b,c:d"`` (any two methods, e.g. of equal cost)
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -237,6 +238,10 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     methods, names = image_sets(run_dir, options.reference)
     manifest = load_manifest(run_dir)
     cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods)) if options.cost else None
+    try:  # checked before any metric is computed
+        extra = parse_pairs(options.compare, methods, options.reference) if options.compare else []
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
     device = resolve_device(options.device)
     ref_names = names[options.reference]
     size = tuple(load_image(run_dir / options.reference / ref_names[0]).shape[-2:])
@@ -258,5 +263,5 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     report = {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
     report["pareto"] = pareto_data(report, cost)
     report["per_pair"] = per_pair
-    report["paired"] = paired_comparisons(per_pair, options.reference)
+    report["paired"] = paired_comparisons(per_pair, options.reference, extra)
     return report

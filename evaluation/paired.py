@@ -43,22 +43,40 @@ def _group(name: str) -> str:
     return name.partition("@")[2]
 
 
-def paired_comparisons(per_pair: dict[str, dict[str, list[float]]], reference: str) -> list[dict]:
-    """Every two non-reference methods with the same ratio suffix, per metric that both have, in method order.
+def paired_comparisons(
+    per_pair: dict[str, dict[str, list[float]]], reference: str, extra: Sequence[tuple[str, str]] = ()
+) -> list[dict]:
+    """Every two non-reference methods with the same ratio suffix, per metric that both have, in method order,
+    then the ``extra`` pairs ``(a, b)`` (any two methods, e.g. of equal cost at different ratios) not among them.
 
     ``per_pair`` maps a method to its per-image scores by metric (all in the same image order). Each entry has
     ``a``, ``b``, ``metric``, ``higher_is_better`` and :func:`paired_difference`'s keys for ``a - b``.
     """
     methods = [m for m in per_pair if m != reference]
+    pairs = [(a, b) for a, b in itertools.combinations(methods, 2) if _group(a) == _group(b)]
+    pairs += [pair for pair in dict.fromkeys(extra) if pair not in pairs and pair[::-1] not in pairs]
     out = []
-    for a, b in itertools.combinations(methods, 2):
-        if _group(a) != _group(b):
-            continue
+    for a, b in pairs:
         for key, _, higher in METRICS:
             va, vb = per_pair[a].get(key), per_pair[b].get(key)
             if va and vb:
                 out.append({"a": a, "b": b, "metric": key, "higher_is_better": higher, **paired_difference(va, vb)})
     return out
+
+
+def parse_pairs(text: str, methods: Sequence[str], reference: str) -> list[tuple[str, str]]:
+    """``"a:b,c:d"`` as pairs of the run's methods; ValueError saying what is wrong and what the run has."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        a, sep, b = (side.strip() for side in item.partition(":"))
+        if not item or not sep or not a or not b or a == b:
+            raise ValueError(f"bad pair {item!r} in --compare: write <method>:<method>, e.g. tofu-kv@0.75:tome@0.5")
+        for name in (a, b):
+            if name not in methods or name == reference:
+                have = ", ".join(m for m in methods if m != reference)
+                raise ValueError(f"--compare names {name!r}, which is not a compared method of this run ({have})")
+        pairs.append((a, b))
+    return pairs
 
 
 def verdict(entry: dict) -> str:

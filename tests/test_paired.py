@@ -1,6 +1,7 @@
 """Paired comparisons between methods: closed-form statistics, grouping by ratio, verdicts, and the report."""
 
 import math
+import re
 
 import pytest
 
@@ -67,3 +68,34 @@ def test_set_level_metrics_stay_out_of_the_paired_test():
                                 "tome": {**per_pair["tome"], "ms_ssim": [0.4, 0.6]}}, "full")  # fmt: skip
     assert [c["metric"] for c in comps] == ["ms_ssim"]
     assert "FID and the classifier FD compare whole image sets" in " ".join(markdown_lines(comps))
+
+
+def test_extra_pairs_compare_across_ratios_once():
+    """``--compare``'s pairs join the same-ratio ones (equal-cost methods often differ in ratio), each pair once,
+    with the closed-form paired difference."""
+    from evaluation.paired import parse_pairs
+
+    per_pair = {
+        "full": {},
+        "tome@0.5": {"ms_ssim": [0.5, 0.75, 1.0]},
+        "tofu@0.5": {"ms_ssim": [0.5, 0.5, 0.5]},
+        "tofu-kv@0.75": {"ms_ssim": [1.0, 1.0, 1.0]},
+    }
+    pairs = parse_pairs("tofu-kv@0.75:tome@0.5, tofu@0.5:tome@0.5", list(per_pair), "full")
+    comps = paired_comparisons(per_pair, "full", pairs + [("tofu-kv@0.75", "tome@0.5")])
+    assert [(c["a"], c["b"]) for c in comps] == [("tome@0.5", "tofu@0.5"), ("tofu-kv@0.75", "tome@0.5")]
+    cross = comps[1]
+    assert cross["mean_diff"] == pytest.approx(0.25) and cross["se"] == pytest.approx(0.25 / 3**0.5)  # diffs .5, .25, 0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("tofu@0.5", "write <method>:<method>"), ("tofu@0.5:", "write <method>:<method>"),
+     ("tofu@0.5:tofu@0.5", "write <method>:<method>"), ("tofu@0.5:full", "'full', which is not a compared method"),
+     ("tofu@0.5:todo@0.5", "'todo@0.5', which is not a compared method of this run (tome@0.5, tofu@0.5)")],
+)  # fmt: skip
+def test_bad_compare_pairs_say_what_to_write(text, message):
+    from evaluation.paired import parse_pairs
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_pairs(text, ["full", "tome@0.5", "tofu@0.5"], "full")
