@@ -119,7 +119,7 @@ def test_each_pipeline_call_starts_a_new_matching(tiny_pipe_factory, matches):
 
 def test_a_shape_change_rematches_and_storage_stays_bounded(matches, monkeypatch):
     unet = tofu_sd.apply(tiny_unet("sd15"), rematch_every=3)
-    state = unet._diffusers_hook.get_hook(hooks.TIMESTEP_HOOK).call
+    state = hooks.get_torch_hook(unet, hooks.TIMESTEP_HOOK).call
     grids = [(16, 16), (12, 12), (16, 16), (12, 12)]
     outputs, computed = [], []
     for i, (h, w) in enumerate(grids):
@@ -143,7 +143,7 @@ def test_calls_of_one_step_beyond_the_stored_ones_match(matches):
         before = len(matches)
         call(unet, step_inputs(unet, 0, timestep), "batched")
         assert len(matches) - before == expected
-    assert len(unet._diffusers_hook.get_hook(hooks.TIMESTEP_HOOK).call.matchings) == BLOCKS * hooks.MAX_CALLS_PER_STEP
+    assert len(hooks.get_torch_hook(unet, hooks.TIMESTEP_HOOK).call.matchings) == BLOCKS * hooks.MAX_CALLS_PER_STEP
 
 
 def test_threads_count_their_own_steps():

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import torch
 
-from . import hooks
+from . import dit, hooks
 from .blocks import select_sites, transformer_block_sites, unwrap_unet
 from .config import TokenFusionConfig
 from .merge import MODES
@@ -60,7 +60,7 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
             "nothing to apply Token Fusion to."
         )
     schedule = config.resolve_schedule([s.name for s in sites], [s.on_down_path for s in sites])
-    if config.reduce == "kv":
+    if config.reduce == "kv" and "attn1" in config.modules:
         for site in sites:
             hooks.check_key_value_attention(f"{site.name}.attn1", site.block.attn1)
     config = replace(config, seed=0 if config.seed is None else config.seed)
@@ -75,19 +75,28 @@ def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> Toke
         return state
     try:
         call = hooks.CallState(config, len(sites))
-        hooks.register(unet, hooks.TimestepHook(call), hooks.TIMESTEP_HOOK)
+        # The outer hooks are torch module hooks: others (DeepCache) replace these modules' forward (see hooks).
+        hooks.attach(unet, hooks.TimestepHook(call), hooks.TIMESTEP_HOOK)
         grids: dict[int, hooks.GridState] = {}
         for index, (site, letter) in enumerate(zip(sites, schedule)):
             if id(site.transformer) not in grids:
                 grids[id(site.transformer)] = hooks.GridState()
-                hooks.register(site.transformer, hooks.FeatureMapHook(grids[id(site.transformer)]), hooks.FEATURE_MAP_HOOK)
+                grid_hook = hooks.FeatureMapHook(grids[id(site.transformer)])
+                hooks.attach(site.transformer, grid_hook, hooks.FEATURE_MAP_HOOK)
             block_state = hooks.BlockState()
             matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index)
             hooks.register(site.block, matching, hooks.MATCHING_HOOK)
-            attention = hooks.KeyValueHook if config.reduce == "kv" else hooks.SelfAttentionHook
-            hooks.register(site.block.attn1, attention(block_state, letter), hooks.SELF_ATTENTION_HOOK)
+            for name in config.modules:
+                module = getattr(site.block, name, None)
+                if module is None:  # a block without cross-attention
+                    continue
+                if name == "attn1" and config.reduce == "kv":
+                    hook = hooks.KeyValueHook(block_state, letter)
+                else:
+                    hook = hooks.ReduceRestoreHook(block_state, letter, chunks=name == "ff", key_mask=name == "attn2")
+                hooks.register(module, hook, hooks.MODULE_HOOKS[name])
     except BaseException:
-        hooks.unregister_all(unet)
+        _unhook(unet)
         raise
     setattr(unet, _ATTR, state)
     setattr(unet, _DEEPCOPY, functools.partial(_deepcopy_patched, unet))
@@ -98,19 +107,30 @@ def remove_token_fusion(unet: torch.nn.Module) -> bool:
     """Remove Token Fusion from ``unet``; True if it was applied."""
     had_state = unet.__dict__.pop(_ATTR, None) is not None
     unet.__dict__.pop(_DEEPCOPY, None)
-    return hooks.unregister_all(unet) or had_state
+    return _unhook(unet) or had_state
+
+
+def _unhook(unet: torch.nn.Module) -> bool:
+    """Remove Token Fusion's torch hooks and registry hooks from ``unet``; True if there were any."""
+    outer = hooks.detach_all(unet)
+    return hooks.unregister_all(unet) or outer
 
 
 def _deepcopy_patched(unet: torch.nn.Module, memo: dict) -> torch.nn.Module:
     """``copy.deepcopy`` of a patched U-Net: an independent copy, patched alike; ``unet`` itself is not touched.
 
     A deep-copied diffusers hook would stay bound to the original (its forward is a closure over the original's
-    hooks and forward), so the copy is made without Token Fusion's registries and hooked forwards, and Token
-    Fusion is then applied to the copy with the same configuration.
+    hooks and forward), and a deep-copied torch hook of Token Fusion's would share the original's state, so the
+    copy is made without Token Fusion's registries, hooked forwards and torch hooks, and Token Fusion is then
+    applied to the copy with the same configuration.
     """
     wrapped = hooks.hooked_modules(unet)
     for module in wrapped:
         memo[id(module._diffusers_hook)] = memo[id(module.__dict__["forward"])] = _LEFT_OUT
+    outer = hooks.torch_hooks(unet)
+    for _, outer_hooks in outer:
+        for function in outer_hooks.functions:
+            memo[id(function)] = _LEFT_OUT
     cls = type(unet)
     copied = memo[id(unet)] = cls.__new__(cls)  # as copy.deepcopy does, so references to unet map to the copy
     state = {key: value for key, value in unet.__getstate__().items() if key not in (_ATTR, _DEEPCOPY)}
@@ -120,6 +140,8 @@ def _deepcopy_patched(unet: torch.nn.Module, memo: dict) -> torch.nn.Module:
         del twin.__dict__["_diffusers_hook"], twin.__dict__["forward"]
         if not hooks.is_class_forward(module, forward):
             twin.forward = copy.deepcopy(forward, memo)  # a wrapper installed before Token Fusion's hooks
+    for module, outer_hooks in outer:
+        outer_hooks.remove_from_copy(memo[id(module)])
     apply_token_fusion(copied, getattr(unet, _ATTR).config)
     return copied
 
@@ -138,14 +160,17 @@ def apply(
     local_window: int = 3,
     reduce: str = "tokens",
     rematch_every: int = 1,
+    modules: str | tuple[str, ...] | list[str] = ("attn1",),
+    blocks: str | tuple[int, ...] | None = None,
 ) -> T:
     """Apply Token Fusion to a Stable Diffusion pipeline or U-Net, in place, and return it.
 
     Before self-attention in the U-Net's highest-resolution transformer blocks, ``int(N * ratio)`` of the N
     tokens are reduced into their most similar destination token (bipartite soft matching on the block's
     input); after self-attention every token is restored, so cross-attention, the feed-forward and the ResNets
-    see the full set. With ``reduce="kv"`` self-attention keeps all N queries and only its keys and values are
-    the reduced tokens. Calling ``apply`` again replaces the earlier patch; :func:`remove` undoes it exactly.
+    see the full set (unless ``modules`` reduces cross-attention or the feed-forward too). With ``reduce="kv"``
+    self-attention keeps all N queries and only its keys and values are the reduced tokens. Calling ``apply``
+    again replaces the earlier patch; :func:`remove` undoes it exactly.
 
     Args:
         pipe_or_unet: a diffusers pipeline with a ``unet`` (StableDiffusionPipeline, StableDiffusionXLPipeline,
@@ -167,6 +192,16 @@ def apply(
         rematch_every: compute each block's partition and matching every this many denoising steps of a
             pipeline call and reuse them in between; ``1`` (default) matches at every call. What counts as a
             step and as a new pipeline call: :class:`~tofu_sd.TokenFusionConfig`.
+        modules: which sub-modules of each patched ``BasicTransformerBlock`` run on the reduced tokens:
+            ``"attn1"`` (self-attention, the default), ``"attn2"`` (cross-attention: its queries; the text keys
+            and values are untouched), ``"ff"`` (feed-forward), or any non-empty combination, as a tuple or
+            list of names or a comma-separated string (``"attn1,ff"``). Each one's input is reduced with the
+            block's one matching and letter, and its output restored, as tomesd's ``merge_attn``,
+            ``merge_crossattn`` and ``merge_mlp``. ``reduce`` concerns ``attn1`` only (with ``"kv"``, ``attn2``
+            and ``ff`` are still reduced and restored). Stored in canonical order (attn1, attn2, ff).
+        blocks: diffusion transformers only (a pipeline with a ``transformer``: SD3 / SD3.5, PixArt, Flux, or
+            the transformer model; see :mod:`tofu_sd.dit`): the blocks to patch, by index in forward order,
+            e.g. ``"0-11"`` or ``(0, 1, 5)``; ``None`` patches every block.
 
     Raises:
         ValueError: if an option is out of range or the object has no supported U-Net; the model is untouched.
@@ -178,6 +213,12 @@ def apply(
         ``copy.deepcopy`` of a patched U-Net, or of a pipeline holding one, gives an independent model patched
         alike (its own hooks, running its own weights); ``remove`` on one leaves the other patched.
 
+    Stacking:
+        The hooks on the U-Net and on its ``Transformer2DModel`` s are torch module hooks, which leave their
+        ``forward`` alone (see :mod:`tofu_sd.hooks`), so Token Fusion stacks with what wraps ``forward``, such as
+        DeepCache's ``DeepCacheSDHelper``, in either order; either can then be removed (or disabled) and the
+        other stays as it is alone.
+
     Example:
         ```python
         pipe = StableDiffusionPipeline.from_pretrained(...).to("cuda")
@@ -188,8 +229,14 @@ def apply(
     """
     config = TokenFusionConfig(
         ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
-        matching=matching, local_window=local_window, reduce=reduce, rematch_every=rematch_every,
+        matching=matching, local_window=local_window, reduce=reduce, rematch_every=rematch_every, modules=modules,
+        blocks=blocks,
     )
+    if dit.handles(pipe_or_unet):
+        dit.apply_dit(pipe_or_unet, config)
+        return pipe_or_unet
+    if config.blocks is not None:
+        raise ValueError("blocks chooses blocks of diffusion transformers; a U-Net's are chosen by max_downsample.")
     apply_token_fusion(unwrap_unet(pipe_or_unet), config)
     _reset_compiled(pipe_or_unet)
     return pipe_or_unet
@@ -197,6 +244,9 @@ def apply(
 
 def remove(pipe_or_unet: T) -> T:
     """Remove Token Fusion from a pipeline or U-Net (a no-op if it was not applied) and return it."""
+    if dit.handles(pipe_or_unet):
+        dit.remove_dit(pipe_or_unet)
+        return pipe_or_unet
     if remove_token_fusion(unwrap_unet(pipe_or_unet)):
         _reset_compiled(pipe_or_unet)
     return pipe_or_unet
@@ -204,12 +254,14 @@ def remove(pipe_or_unet: T) -> T:
 
 def patched_blocks(pipe_or_unet: object) -> list[PatchedBlock]:
     """The blocks Token Fusion is applied to, in forward order, with their schedule letters (empty if none)."""
-    state = getattr(unwrap_unet(pipe_or_unet), _ATTR, None)
+    state = get_state(pipe_or_unet)
     return list(state.blocks) if state is not None else []
 
 
 def get_state(pipe_or_unet: object) -> TokenFusionState | None:
     """The configuration and blocks of the Token Fusion applied to a pipeline or U-Net, or None."""
+    if dit.handles(pipe_or_unet):
+        return dit.get_state(pipe_or_unet)
     return getattr(unwrap_unet(pipe_or_unet), _ATTR, None)
 
 

@@ -30,12 +30,7 @@ def unwrap_unet(obj: object) -> torch.nn.Module:
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile's OptimizedModule
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
         kind = type(obj).__name__
-        hint = (
-            " It has a `transformer` instead of a `unet`: transformer-based pipelines (SD3, Flux, PixArt, ...) "
-            "are not supported."
-            if hasattr(obj, "transformer")
-            else ""
-        )
+        hint = " Diffusion transformers: SD3, PixArt and Flux (tofu_sd.dit)." if hasattr(obj, "transformer") else ""
         raise ValueError(f"tofu_sd needs {SUPPORTED}; got {kind}.{hint}")
     return unet
 

@@ -11,6 +11,9 @@ from .merge import MATCHINGS, MODES
 
 #: What self-attention takes from the reduced tokens: everything (queries, keys, values), or only keys and values.
 REDUCES = ("tokens", "kv")
+#: The sub-modules of a ``BasicTransformerBlock`` that can run on the reduced tokens, by diffusers' names, in
+#: forward order: self-attention, cross-attention, feed-forward.
+MODULES = ("attn1", "attn2", "ff")
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,8 @@ class TokenFusionConfig:
 
     Args:
         ratio (`float`, defaults to `0.5`):
-            Fraction of the tokens removed before self-attention in each patched block: ``r = int(N * ratio)``
-            (with ``reduce="kv"``, removed from its keys and values only).
+            Fraction of the tokens removed before self-attention (or each of the ``modules``) in each patched
+            block: ``r = int(N * ratio)`` (with ``reduce="kv"``, removed from self-attention's keys and values only).
             Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing. Any
             real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
         schedule (`str`, *optional*):
@@ -85,6 +88,25 @@ class TokenFusionConfig:
             graph could only branch on through a graph break or a recompile per step. With only the transformer
             blocks compiled (the U-Net itself eager), matchings are reused, through two graphs per block
             (matching and reusing).
+        modules (`tuple[str, ...]`, defaults to `("attn1",)`):
+            Which sub-modules of each patched ``BasicTransformerBlock`` run on the reduced tokens, by diffusers'
+            names: ``"attn1"`` (self-attention), ``"attn2"`` (cross-attention), ``"ff"`` (feed-forward), or any
+            non-empty combination, given as a tuple or list of names or a comma-separated string
+            (``"attn1,ff"``); stored as a tuple in that canonical order. Each chosen module's input is reduced
+            with the block's matching (computed once per block call, on the block's input) and its schedule
+            letter, and its output restored (tomesd's ``merge_attn``, ``merge_crossattn`` and ``merge_mlp``).
+            ``attn2`` keeps its keys and values (the text); only its queries are reduced. ``reduce`` concerns
+            ``attn1`` only: with ``reduce="kv"`` it keeps every query, while ``attn2`` and ``ff`` are reduced
+            and restored as with ``"tokens"``. With diffusers' feed-forward chunking (a block's
+            ``set_chunk_feed_forward``), batch chunks (``dim=0``) are reduced row by row; sequence chunks
+            (``dim=1``) cannot be (merging needs every token), so ``ff`` then runs unreduced. A block without
+            cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce attention only.
+        blocks (`str` or `tuple[int, ...]`, *optional*):
+            Which blocks of a diffusion transformer (SD3, PixArt, Flux; see :mod:`tofu_sd.dit`) are patched, by
+            index in forward order (Flux: its double-stream blocks, then its single-stream blocks): a tuple of
+            ints, or a string of indices and inclusive ranges, e.g. ``"0-11"`` or ``"0-3,8,20-23"``. ``None``
+            patches every block. Only for diffusion transformers: U-Nets choose their blocks by resolution
+            (``max_downsample``).
     """
 
     ratio: float = 0.5
@@ -98,6 +120,8 @@ class TokenFusionConfig:
     local_window: int = 3
     reduce: str = "tokens"
     rematch_every: int = 1
+    modules: tuple[str, ...] = ("attn1",)
+    blocks: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _real(self.ratio))
@@ -142,6 +166,9 @@ class TokenFusionConfig:
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+        object.__setattr__(self, "modules", _modules_value(self.modules))
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", _blocks_value(self.blocks))
         if self.schedule is not None:
             if not isinstance(self.schedule, str) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty string of P/A/M letters or None, got {self.schedule!r}.")
@@ -179,3 +206,71 @@ def _real(value):
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def _modules_value(value) -> tuple[str, ...]:
+    """``modules`` as stored: a tuple of known names in canonical order; ValueError for anything else."""
+    hint = f"modules must be a non-empty tuple or list of {', '.join(map(repr, MODULES))}, or a comma-separated string"
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (tuple, list)) and all(isinstance(name, str) for name in value):
+        names = list(value)
+    else:
+        raise ValueError(f"{hint} such as 'attn1,ff'; got {value!r}.")
+    if not names or names == [""]:
+        raise ValueError(f"{hint}; got {value!r}, which names no module.")
+    unknown = [name for name in names if name not in MODULES]
+    if unknown:
+        raise ValueError(
+            f"modules={value!r} has unknown name(s) {', '.join(map(repr, unknown))}; use 'attn1' (self-attention), "
+            "'attn2' (cross-attention) and/or 'ff' (feed-forward)."
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1}, key=MODULES.index)
+    if repeated:
+        raise ValueError(f"modules={value!r} names {', '.join(map(repr, repeated))} more than once.")
+    return tuple(name for name in MODULES if name in names)
+
+
+def _blocks_value(value):
+    """``blocks`` as stored: a string as given, a sequence of ints as a tuple; ValueError if it names no block."""
+    if not isinstance(value, str):
+        try:
+            value = tuple(value)
+        except TypeError:
+            raise ValueError(f"blocks must be None, a string such as '0-11' or a tuple of ints, got {value!r}.") from None
+    parse_blocks(value)
+    return value
+
+
+def parse_blocks(blocks: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The block indices that ``blocks`` names, ascending (``None`` for ``None``: every block).
+
+    ``blocks`` is a tuple of ints >= 0 or a string of comma-separated indices and inclusive ranges (``"0-11"``,
+    ``"0-3,8"``); an empty selection, a repeated index or anything else raises ``ValueError``."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        indices: list[int] = []
+        for part in blocks.split(","):
+            bounds = part.strip().split("-")
+            if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+                raise ValueError(
+                    f"blocks={blocks!r}: {part.strip()!r} is no block index or inclusive range; write e.g. '0-11' "
+                    "or '0-3,8,20-23'."
+                )
+            low, high = int(bounds[0]), int(bounds[-1])
+            if high < low:
+                raise ValueError(f"blocks={blocks!r}: the range {part.strip()!r} is empty (write low-high).")
+            indices.extend(range(low, high + 1))
+    else:
+        indices = list(blocks)
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+        if bad:
+            raise ValueError(f"blocks must hold block indices (ints >= 0), got {blocks!r}.")
+        indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError(f"blocks={blocks!r} names no block; None patches every block.")
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(f"blocks={blocks!r} names block(s) {', '.join(map(str, repeated))} more than once.")
+    return tuple(sorted(indices))
