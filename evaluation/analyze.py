@@ -17,6 +17,21 @@ tuning. :func:`analyze` measures it on a Stable Diffusion pipeline while it gene
 3. statistics per block and function, overall and per timestep group, and a proposed schedule: ``P`` where
    the decision function's mean FL is below ``threshold``, ``M`` otherwise.
 
+On a diffusion transformer (SD3 / SD3.5, PixArt, Flux; :mod:`tofu_sd.dit`) the same is measured at the blocks
+``tofu_sd.apply`` patches (``reduction.blocks``, by index in forward order; every block with ``all_blocks``),
+the pairs from :mod:`tofu_sd.dit_hooks`' own ``BlockMatchingHook`` on the block's image tokens, and
+
+- ``self_attention``: each attention the block reduces around (SD3's joint ``attn``, pooled with SD3.5's
+  ``attn2`` in its dual-attention blocks; PixArt's ``attn1``; Flux's ``attn``), the interpolated image token
+  as the query (``to_q``, ``norm_q``), keys and values from the call's real image *and text* tokens, fixed
+  (:func:`~evaluation.linearity.joint_query_attention`; PixArt, whose text is cross-attention, as on a U-Net).
+  Flux's rotary positions: the interpolated token takes the pair's *destination*'s, as a merged group does in
+  ``tofu_sd`` (so ``f(X2)`` is the destination's real output, and the path is along features only);
+- ``feed_forward``: the block's ``ff`` on the image tokens (Flux's single-stream blocks: ``act_mlp(proj_mlp(.))``
+  on the image part of their ``[text, image]`` sequence);
+
+and the fallback of unmeasured blocks is :func:`tofu_sd.dit.default_schedule`.
+
 The FL maths is in small pure functions in :mod:`evaluation.linearity`, tested on closed forms; the plot is
 :mod:`evaluation.linearity_plot`.
 """
@@ -31,7 +46,7 @@ import numpy as np
 import torch
 
 import prompts
-from tofu_sd import TokenFusionConfig, get_state
+from tofu_sd import TokenFusionConfig, dit, dit_hooks, get_state
 from tofu_sd import hooks as tofu_hooks
 from tofu_sd.blocks import TransformerBlockSite, select_sites, transformer_block_sites, unwrap_unet
 from tofu_sd.merge import Matching
@@ -42,6 +57,7 @@ from .linearity import (
     FUNCTIONS,
     TIMESTEP_GROUPS,
     functional_linearity,
+    joint_query_attention,
     propose_schedule,
     query_attention,
     summarize,
@@ -69,12 +85,14 @@ class AnalyzeConfig(SamplingOptions):
         out (`str`):
             Folder for ``fl.json`` and ``fl.png``; created if needed.
         reduction (`TokenFusionConfig`):
-            The reduction whose pairs are measured: ``ratio``, ``max_downsample``, ``sx``, ``sy``, ``use_rand``
-            and ``seed`` as given to :func:`tofu_sd.apply`. Its ``schedule`` is ignored (it is what is proposed).
+            The reduction whose pairs are measured: ``ratio``, ``max_downsample`` (U-Nets) or ``blocks``
+            (diffusion transformers), ``sx``, ``sy``, ``use_rand`` and ``seed`` as given to :func:`tofu_sd.apply`.
+            Its ``schedule`` is ignored (it is what is proposed).
         all_blocks (`bool`, defaults to `False`):
             Measure every transformer block of the U-Net rather than those ``reduction`` patches. The proposal
             then needs ``max_downsample`` = the U-Net's coarsest over finest transformer resolution, which the
-            result reports (``apply_kwargs``).
+            result reports (``apply_kwargs``). On a diffusion transformer: every block, whatever ``blocks`` says
+            (``apply_kwargs`` then has ``blocks=None``).
         num_points (`int`, defaults to `17`):
             Interpolation points N of Eq. 8, both ends included (``t = 0, 1/16, ..., 1``). The polygonal path
             is never longer than the true one, so FL with N points is an upper bound that falls as N grows; 17
@@ -268,6 +286,7 @@ def _run_prompts(pipe, config: AnalyzeConfig, height: int, width: int, progress:
     """Denoise every (class, sample) of ``config`` with the seeds of ``tofu-sd generate``, latents only."""
     from tqdm.auto import tqdm
 
+    from .models import call_kwargs
     from .sampling import image_seed
 
     jobs = [(c, k) for c in config.classes for k in range(config.per_class)]
@@ -283,19 +302,26 @@ def _run_prompts(pipe, config: AnalyzeConfig, height: int, width: int, progress:
                     width=width,
                     generator=[torch.Generator("cpu").manual_seed(image_seed(config.seed, c, k)) for c, k in batch],
                     output_type="latent",  # the images themselves are not needed
+                    **call_kwargs(config.model),
                 )
             bar.update(len(batch))
+
+
+def _fl_statistics(probe) -> dict:
+    """A probe's FL statistics per measured function, overall and per timestep group."""
+    fl = {}
+    for function in FUNCTIONS:
+        groups = {g: _cat(probe.values[function][g]) for g in TIMESTEP_GROUPS}
+        fl[function] = summarize(np.concatenate(list(groups.values())))
+        fl[function]["by_timestep"] = {g: summarize(v) for g, v in groups.items()}
+    return fl
 
 
 def _block_results(sites, probes, default: str) -> list[dict]:
     """Per analysed block: where it is, its token count, its default letter and its FL statistics."""
     blocks = []
     for site, probe, letter in zip(sites, probes, default):
-        fl = {}
-        for function in FUNCTIONS:
-            groups = {g: _cat(probe.values[function][g]) for g in TIMESTEP_GROUPS}
-            fl[function] = summarize(np.concatenate(list(groups.values())))
-            fl[function]["by_timestep"] = {g: summarize(v) for g, v in groups.items()}
+        fl = _fl_statistics(probe)
         blocks.append({
             "name": site.name, "downsample": site.downsample, "on_down_path": site.on_down_path,
             "tokens": probe.tokens, "default_letter": letter, "fl": fl,
@@ -324,8 +350,15 @@ def _method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: int)
 
 def measure(pipe, config: AnalyzeConfig, progress: bool = True) -> dict:
     """Run ``pipe`` on the configured prompts and measure FL at each analysed block; returns ``fl.json``'s content."""
-    from .models import default_size
+    from .models import default_size, is_transformer_pipeline
 
+    if is_transformer_pipeline(pipe):
+        return _measure_dit(pipe, config, progress)
+    if config.reduction.blocks is not None:
+        raise EvaluationError(
+            f"--blocks {config.reduction.blocks} chooses blocks of a diffusion transformer; a U-Net's blocks are "
+            "chosen by resolution: use --max-downsample (or --all-blocks)"
+        )
     unet = unwrap_unet(pipe)
     _check_unreduced(unet)
     sites, max_downsample = analysis_sites(unet, config)
@@ -372,6 +405,259 @@ def _config_dict(config: AnalyzeConfig, pipe, height: int, width: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Measuring on a diffusion transformer (SD3 / SD3.5, PixArt, Flux), with forward pre-hooks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _DiTProbe(_BlockProbe):
+    """Forward pre-hooks on one block of a diffusion transformer: pairs from its input image tokens, FL at each
+    attention it reduces around and at its feed-forward.
+
+    The pairs come from tofu_sd.dit's own ``BlockMatchingHook`` (same partition, seed stream and matching as
+    ``apply``), driven by a plain torch pre-hook with the block's own arguments (a single-stream block's
+    ``encoder_hidden_states`` give the number of text tokens in front of its image tokens)."""
+
+    def __init__(self, site: dit.DiTSite, matcher: dit_hooks.BlockMatchingHook, state: dit_hooks.BlockState,
+                 run: "_DiTRecorder") -> None:  # fmt: skip
+        super().__init__(site, matcher, run)
+        self.state = state
+        self.text_len: int | None = None
+
+    def on_block(self, module, args, kwargs):
+        self.pairs = None
+        self.matcher.pre_forward(module, *args, **kwargs)
+        m, self.text_len = self.state.matching, self.state.text_len
+        self.state.matching = self.state.text_len = None
+        if m is not None:
+            x = tofu_hooks._argument(args, kwargs, 0, "hidden_states")
+            src, dst = matched_pairs(m)
+            keep = _spread(src.shape[1], self.run.config.max_pairs, x.device)
+            self.pairs, self.tokens = (src[:, keep], dst[:, keep]), x.shape[1]
+        return None
+
+    def attention_function(self, attn, context, added=None, rotary=None, offset=0, project_out=True):
+        """``f``: interpolated image tokens ``(B, K, P, C)`` -> ``attn``'s image output for each as the query,
+        keys and values from ``context`` (and ``added``, the text stream) fixed. ``rotary`` (Flux): the call's
+        ``(cos, sin)`` over ``[added, context]`` rows, or over ``context`` alone when ``added`` is None (the
+        single-stream ``[text, image]`` sequence); each point of pair ``j`` is rotated at the position of its
+        destination, row ``offset + dst``."""
+        dst = self.pairs[1]
+
+        def f(points: torch.Tensor) -> torch.Tensor:
+            B, K, P, C = points.shape
+            extra = {}
+            if rotary is not None:
+                rows = (offset + dst).reshape(-1)
+                extra["query_rotary"] = tuple(
+                    t.index_select(0, rows).view(B, K, 1, -1).expand(B, K, P, -1).reshape(B, K * P, -1) for t in rotary
+                )
+                if added is None:
+                    extra["context_rotary"] = rotary
+                else:
+                    text = added.shape[1]
+                    extra["context_rotary"] = tuple(t[text:] for t in rotary)
+                    extra["added_rotary"] = tuple(t[:text] for t in rotary)
+            out = joint_query_attention(attn, points.reshape(B, K * P, C), context, added, project_out=project_out, **extra)
+            return out.reshape(B, K, P, -1)
+
+        return f
+
+    def _measurable(self, z, tokens: int) -> bool:
+        return self.pairs is not None and z is not None and z.ndim == 3 and z.shape[1] == tokens
+
+    def on_image_attention(self, module, args, kwargs):
+        """SD3's ``attn`` / ``attn2``, Flux's double-stream ``attn``: ``hidden_states`` the image tokens,
+        ``encoder_hidden_states`` the text stream (None for SD3.5's ``attn2``)."""
+        z = tofu_hooks._argument(args, kwargs, 0, "hidden_states")
+        if not self._measurable(z, self.tokens) or tofu_hooks._argument(args, kwargs, 2, "attention_mask") is not None:
+            return None  # masked attention is not reduced by tofu_sd either
+        text = tofu_hooks._argument(args, kwargs, 1, "encoder_hidden_states")
+        rotary = tofu_hooks._argument(args, kwargs, 3, "image_rotary_emb") if self.run.arch.rotary else None
+        offset = 0 if text is None else text.shape[1]
+        if rotary is not None and rotary[0].shape[0] != offset + z.shape[1]:
+            return None  # positions laid out otherwise than [text, image]: tofu_sd leaves the call alone too
+        self._record("self_attention", self.attention_function(module, z, text, rotary, offset), z)
+        return None
+
+    def on_single_attention(self, module, args, kwargs):
+        """A Flux single-stream block's ``attn``: ``hidden_states`` is ``[text, image]``; the image part is measured."""
+        x, text = tofu_hooks._argument(args, kwargs, 0, "hidden_states"), self.text_len
+        if text is None or not self._measurable(x, text + (self.tokens or 0)):
+            return None
+        if tofu_hooks._argument(args, kwargs, 2, "attention_mask") is not None:
+            return None
+        rotary = tofu_hooks._argument(args, kwargs, 3, "image_rotary_emb")
+        if rotary is not None and rotary[0].shape[0] != x.shape[1]:
+            return None
+        f = self.attention_function(module, x, None, rotary, offset=text, project_out=False)
+        self._record("self_attention", f, x[:, text:])
+        return None
+
+    def on_single_mlp(self, module, args, kwargs):
+        """A Flux single-stream block's ``proj_mlp``: its MLP branch ``act_mlp(proj_mlp(.))`` on the image part."""
+        x, text = (args[0] if args else kwargs.get("input")), self.text_len
+        if text is None or not self._measurable(x, text + (self.tokens or 0)):
+            return None
+        act = self.site.block.act_mlp
+        self._record("feed_forward", lambda points: act.forward(module.forward(points)), x[:, text:])
+        return None
+
+
+def dit_architecture(model: torch.nn.Module) -> dit.Architecture:
+    return next(arch for cls, arch in dit.ARCHITECTURES.items() if isinstance(model, cls))
+
+
+class _DiTRecorder:
+    """Hooks on the transformer model (timestep and grid, through tofu_sd.dit's own ``TransformerCallHooks``) and
+    on the probed blocks, removed by :meth:`close`."""
+
+    def __init__(self, model: torch.nn.Module, arch: dit.Architecture, sites: list, config: AnalyzeConfig,
+                 reduction: TokenFusionConfig, num_train: int):  # fmt: skip
+        self.config, self.num_train, self.arch = config, num_train, arch
+        self.call = tofu_hooks.CallState(reduction, len(sites))
+        self.model_state = dit_hooks.ModelState()
+        self.outer = dit_hooks.TransformerCallHooks(
+            self.call, self.model_state, arch.grid, arch.timestep_index, arch.timestep_scale
+        )
+        self.group = "early"
+        self.handles = [
+            model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+            model.register_forward_hook(self.outer.post, with_kwargs=True, always_call=True),
+        ]
+        self.probes = []
+        for index, site in enumerate(sites):
+            state = dit_hooks.BlockState()
+            matcher = dit_hooks.BlockMatchingHook(self.call, self.model_state, state, index, text_len=site.single_stream)
+            probe = _DiTProbe(site, matcher, state, self)
+            self.probes.append(probe)
+            block = site.block
+            self.handles.append(block.register_forward_pre_hook(probe.on_block, with_kwargs=True))
+            if site.single_stream:
+                pre = [(block.attn, probe.on_single_attention), (block.proj_mlp, probe.on_single_mlp)]
+            else:
+                on_attention = probe.on_attn1 if arch.name == "PixArt" else probe.on_image_attention
+                pre = [(getattr(block, part), on_attention) for part in site.attentions] + [(block.ff, probe.on_ff)]
+            self.handles += [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre]
+
+    def _on_model(self, module, args, kwargs):
+        self.outer.pre(module, args, kwargs)
+        t = tofu_hooks._argument(args, kwargs, self.arch.timestep_index, "timestep")
+        value = float(torch.as_tensor(t).reshape(-1)[0]) * self.arch.timestep_scale if t is not None else 0.0
+        self.group = timestep_group(value, self.num_train)
+        return None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.call.finish()
+        self.model_state.grid = None
+
+
+def _dit_sites(model: torch.nn.Module, arch: dit.Architecture, config: AnalyzeConfig):
+    """The blocks to measure and the ``blocks`` with which ``tofu_sd.apply`` patches exactly those (None: all)."""
+    sites = arch.sites(model)
+    if not sites:
+        raise EvaluationError(f"{type(model).__name__} has no transformer block to analyze")
+    if config.reduction.max_downsample != 1:
+        raise EvaluationError(
+            f"--max-downsample {config.reduction.max_downsample} only means something for U-Nets (their "
+            f"lower-resolution blocks); a {arch.name} transformer has one token grid: choose its blocks with --blocks"
+        )
+    if config.all_blocks:
+        return sites, None
+    try:
+        return dit.select_sites(sites, config.reduction), config.reduction.blocks
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+
+
+def _check_unreduced_dit(pipe, sites) -> None:
+    if get_state(pipe) is not None:
+        raise EvaluationError(
+            "Token Fusion is applied to this pipeline; the analysis measures the unreduced model. "
+            "Call tofu_sd.remove(pipe) first."
+        )
+    for site in sites:
+        if getattr(site.block, "_chunk_size", None) is not None:
+            raise EvaluationError(
+                f"{site.name} runs its feed-forward in chunks, so ff never sees the whole token set; "
+                "call pipe.transformer.disable_forward_chunking() before the analysis."
+            )
+
+
+def _dit_block_results(sites, all_sites, probes, default: str) -> list[dict]:
+    """Per analysed block: its name and index (``blocks``), the attentions measured, its token count, its default
+    letter and its FL statistics."""
+    index = {site.name: i for i, site in enumerate(all_sites)}
+    blocks = []
+    for site, probe, letter in zip(sites, probes, default):
+        fl = _fl_statistics(probe)
+        blocks.append({
+            "name": site.name, "index": index[site.name], "stream": "single" if site.single_stream else "image",
+            "attentions": list(site.attentions), "tokens": probe.tokens, "default_letter": letter, "fl": fl,
+        })  # fmt: skip
+    return blocks
+
+
+def _dit_method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: int, arch: dit.Architecture) -> dict:
+    method = _method(config, reduction, num_train)
+    if arch.name == "PixArt":
+        attention = "attn1 with the interpolated token as query; keys and values: the call's full attn1 input, fixed"
+    else:
+        attention = (
+            "each reduced attention (" + ("attn, pooled with attn2 in dual-attention blocks" if arch.name == "SD3" else "attn")
+            + ") with the interpolated image token as query (to_q, norm_q); keys and values: the call's real image "
+            "tokens and text tokens, fixed"
+            + ("; the query rotated at the pair's destination's position" if arch.rotary else "")
+        )
+    feed_forward = "ff on the interpolated ff input (image tokens)"
+    if arch.name == "Flux":
+        feed_forward += "; single-stream blocks: act_mlp(proj_mlp(.)) on the image part"
+    method["functions"] = {"self_attention": attention, "feed_forward": feed_forward}
+    method["pairs"] = method["pairs"].replace("each block's input", "each block's input image tokens")
+    return method
+
+
+def _measure_dit(pipe, config: AnalyzeConfig, progress: bool) -> dict:
+    from .models import default_size
+
+    try:
+        model = dit.unwrap_transformer(pipe)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+    arch = dit_architecture(model)
+    all_sites = arch.sites(model)
+    sites, blocks = _dit_sites(model, arch, config)
+    _check_unreduced_dit(pipe, all_sites)
+    num_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    height = config.height or default_size(pipe)
+    width = config.width or default_size(pipe)
+    reduction = replace(config.reduction, schedule=None, blocks=blocks)
+    recorder = _DiTRecorder(model, arch, sites, config, reduction, num_train)
+    started = time.perf_counter()
+    try:
+        _run_prompts(pipe, config, height, width, progress)
+    finally:
+        recorder.close()
+    default = dit.default_schedule(len(sites))
+    results = _dit_block_results(sites, all_sites, recorder.probes, default)
+    schedule = propose_schedule([_decision_value(b["fl"], config.decision) for b in results], config.threshold, default)
+    for block, letter in zip(results, schedule):
+        block["proposed_letter"] = letter
+    return {
+        "architecture": arch.name,
+        "blocks": results,
+        "proposed_schedule": schedule,
+        "default_schedule": default,
+        "apply_kwargs": {**asdict(reduction), "schedule": schedule},
+        "method": _dit_method(config, reduction, num_train, arch),
+        "config": _config_dict(config, pipe, height, width),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Plot and entry point
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -402,7 +688,8 @@ def analyze(config: AnalyzeConfig, pipe=None, progress: bool = True) -> dict:
 
 def format_summary(result: dict) -> str:
     """A table of the mean FL per block and function, with the default and proposed letters."""
-    lines = [f"{'block':<50} {'tokens':>6} {'attn1 FL':>9} {'ff FL':>9}  default  proposed"]
+    attention = "attn FL" if result.get("architecture") not in (None, "PixArt") else "attn1 FL"
+    lines = [f"{'block':<50} {'tokens':>6} {attention:>9} {'ff FL':>9}  default  proposed"]
     for b in result["blocks"]:
         a, f = (b["fl"][name]["mean"] for name in FUNCTIONS)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

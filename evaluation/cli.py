@@ -12,7 +12,8 @@ from .bench import VARIANTS
 from prompts import PROMPT_SETS, class_names
 
 from .errors import EvaluationError
-from .models import SCHEDULERS, TINY, TINY_RANDOM
+from .methods.base import DEFAULT_CACHE_INTERVAL
+from .models import SCHEDULERS, TINY, TINY_RANDOM, TINY_SD3
 
 
 def _defaults(config_class) -> dict:
@@ -25,18 +26,18 @@ def _add_sampling_options(parser: argparse.ArgumentParser, config_class) -> None
     same seeds); their defaults are ``config_class``'s. Each option's ``dest`` is the field's name."""
     d = _defaults(config_class)
     group = parser.add_argument_group("sampling (the same options in generate and analyze; the same seeds give the same images)")
-    group.add_argument("--model", default=d["model"], help=f"hub id, local diffusers folder, '{TINY}' (built-in model trained on coloured shapes, offline) or '{TINY_RANDOM}' (random weights, for tests); default {d['model']}")
-    group.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set: 'shapes' (the default for {TINY}) or 'imagenet' (the default otherwise)")
+    group.add_argument("--model", default=d["model"], help=f"hub id, local diffusers folder, '{TINY}' (built-in U-Net model trained on coloured shapes, offline), '{TINY_SD3}' (built-in SD3-style diffusion transformer trained on the same shapes, offline) or '{TINY_RANDOM}' (random weights, for tests); default {d['model']}")
+    group.add_argument("--prompts", default=None, choices=PROMPT_SETS, help=f"prompt set: 'shapes' (the default for {TINY} and {TINY_SD3}) or 'imagenet' (the default otherwise)")
     group.add_argument("--classes", default=None, help="class indices of the prompt set, e.g. 0-999 or 1,5,10-19 (default: all)")
     group.add_argument("--per-class", type=int, default=d["per_class"], help=f"samples per class ({d['per_class']})")
-    group.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps ({d['steps']})")
+    group.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps ({config_class.DEFAULT_STEPS}; {TINY_SD3}: its own, 20)")
     group.add_argument("--seed", type=int, default=d["seed"], help=f"base seed; sample k of class c uses seed*10^6 + c*1000 + k ({d['seed']})")
     group.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"prompts per pipeline call ({d['batch_size']})")
     group.add_argument("--device", default=d["device"], help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps, cpu")
     group.add_argument("--dtype", default=d["dtype"], help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     group.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (model default; a run being extended keeps its own)")
     group.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (model default; a run being extended keeps its own)")
-    group.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help=f"classifier-free guidance ({d['guidance_scale']})")
+    group.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help=f"classifier-free guidance ({config_class.DEFAULT_GUIDANCE:g}; {TINY_SD3}: its own, 5)")
     group.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
 
 
@@ -62,14 +63,19 @@ def _add_reduction_options(parser: argparse.ArgumentParser, measured: bool = Fal
     group.add_argument("--ratio", type=float, default=None, help="fraction of tokens reduced per patched block (0.5)")
     if not measured:
         group.add_argument("--ratios", default=None, help="sweep: run every reducing method at each of these ratios, as <method>@<ratio>, e.g. 0.3,0.5,0.7 (todo: nearest pooling)")
-        group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up)")
-    group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="blocks apply would patch (1)" if measured else "patch lower resolutions too")
+        group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up; diffusion transformers: P in the first third of the patched blocks, M after)")
+    group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="U-Nets: blocks apply would patch (1)" if measured else "U-Nets: patch lower resolutions too")
+    group.add_argument("--blocks", default=None, help="diffusion transformers (SD3, PixArt, Flux): the blocks to patch by index in forward order, e.g. 0-3 or 0,2,5-7 (default: all)")
     group.add_argument("--sx", type=int, default=2, help="cell width (2)")
     group.add_argument("--sy", type=int, default=2, help="cell height (2)")
     group.add_argument("--no-rand", dest="use_rand", action="store_false", help="top-left destinations, no randomness")
     group.add_argument("--tofu-seed", type=int, default=None, help="seed of ToFu's destination positions (0)")
     if not measured:
         group.add_argument("--rematch-every", type=int, default=1, metavar="K", help="ToFu: reuse each block's matching for K steps of a pipeline call (1: match at every step)")
+
+
+def _add_cache_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-interval", type=int, default=DEFAULT_CACHE_INTERVAL, metavar="N", help=f"DeepCache's interval in the deepcache+<tofu> methods: the deep blocks computed once every N steps, an integer >= 2 ({DEFAULT_CACHE_INTERVAL}); deepcache alone takes it from its name, deepcache@N")
 
 
 def _reduction(args: argparse.Namespace):
@@ -80,7 +86,7 @@ def _reduction(args: argparse.Namespace):
         return TokenFusionConfig(
             ratio=0.5 if args.ratio is None else args.ratio, schedule=getattr(args, "schedule", None),
             max_downsample=args.max_downsample, sx=args.sx, sy=args.sy, use_rand=args.use_rand, seed=args.tofu_seed,
-            rematch_every=getattr(args, "rematch_every", 1),
+            rematch_every=getattr(args, "rematch_every", 1), blocks=args.blocks,
         )  # fmt: skip
     except ValueError as error:
         raise EvaluationError(str(error)) from error
@@ -96,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images over class prompts for each method, same seeds")
     gen.add_argument("--out", required=True, help="run directory, e.g. runs/sd15")
-    gen.add_argument("--methods", default="full,tome,tofu", help=f"comma-separated, any of: {', '.join(METHODS)}; <method>@<ratio> for one ratio (tofu@0.3). full is the unpatched model, tome the tomesd package, tofu-local tofu with local matching, todo token downsampling, catome needs ca-tome")
+    gen.add_argument("--methods", default="full,tome,tofu", help=f"comma-separated, any of: {', '.join(METHODS)}; <method>@<ratio> for one ratio (tofu@0.3). full is the unpatched model, tome the tomesd package, tofu-local tofu with local matching, todo token downsampling, catome needs ca-tome; +ff / +attn2: the feed-forward / cross-attention on the reduced tokens too (tome+mlp, tome+ca+mlp: tomesd's merge_mlp, merge_crossattn); deepcache@N DeepCache computing the deep blocks once every N steps (an integer >= 2; deepcache is deepcache@3); deepcache+tofu, deepcache+tofu-kv, deepcache+tofu+ff: DeepCache around that tofu variant, @<ratio> its ratio, at --cache-interval")
     gen.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call of each method too")
     gen.add_argument("--adopt", action="store_true", help="the run's manifest.json is lost: rebuild it from its images' metadata, checked against these options")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sampling_options(gen, GenerateConfig)
     _add_reduction_options(gen)
+    _add_cache_interval(gen)
 
     ev = sub.add_parser("evaluate", help="FID / LPIPS / MS-SSIM of each method against the reference; writes a report")
     ev.add_argument("run", help="run directory made by `tofu-sd generate`")
@@ -111,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="device for the metric networks")
     ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
+    ev.add_argument("--compare", default=None, metavar="A:B,...", help="also compare these pairs of methods in the paired test, e.g. of equal cost at different ratios: tofu-kv@0.75:tome@0.5 (methods are always compared within a ratio)")
     ev.add_argument("--cost", default=None, metavar="BENCH.json", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it")
     an = sub.add_parser("analyze", help="functional linearity (paper Eq. 8) per block; proposes a P/M schedule",
-                        description="Every U-Net call of the sampling is measured, with the same seeds as generate.")  # fmt: skip
+                        description="Every U-Net (or diffusion-transformer) call of the sampling is measured, with the same seeds as generate.")  # fmt: skip
     an.add_argument("--out", required=True, help="folder for fl.json and fl.png")
     an.add_argument("--all-blocks", action="store_true", help="every transformer block, not only those apply patches")
     an.add_argument("--points", type=int, default=17, help="interpolation points of Eq. 8, ends included (17)")
@@ -129,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--variants", default=None,
         help=f"comma-separated method names as for generate, from {','.join(VARIANTS)}, or <method>@<ratio> "
-        "(tofu@0.3, todo@0.75) (default: all; catome only where ca-tome is installed)",
+        "(tofu@0.3, todo@0.75, deepcache@3) (default: all but the +<module> variants of tofu and tome and the "
+        "deepcache+<tofu> ones; catome and deepcache only where their packages are installed)",
     )  # fmt: skip
     bench.add_argument("--ratio", type=float, default=0.5, help="ratio of the names without @<ratio> (0.5)")
     bench.add_argument("--reps", type=int, default=5, help="interleaved timed rounds (5)")
@@ -142,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--no-ops", dest="ops", action="store_false", help="skip counting ops per patched block")
     bench.add_argument("--call-memory", type=int, default=0, metavar="LATENT", help="also the peak memory of a tiny-random U-Net call at this latent size (0: skip)")
-    bench.add_argument("--rematch-every", type=int, default=1, metavar="K", help="ToFu's variants reuse each block's matching for K steps: each round times a matching step and a reusing step and weighs them 1/K, (K-1)/K (1: one step, always matching)")
+    bench.add_argument("--rematch-every", type=int, default=1, metavar="K", help="ToFu's variants reuse each block's matching for K steps: each round times a matching step and a reusing step and weighs them 1/K, (K-1)/K (deepcache+<tofu>: a whole period of lcm(N, K) steps, call by call; 1: one step, always matching)")
+    _add_cache_interval(bench)
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny-random U-Net (for CI)")
     return parser
@@ -158,7 +168,7 @@ def _bench(args: argparse.Namespace) -> int:
             arch=args.arch, latents=tuple(s // 8 for s in ints(args.sizes)), variants=tuple(split_list(args.variants)) if args.variants else None,
             ratio=args.ratio, reps=args.reps, warmup=args.warmup, batch=args.batch, device=args.device,
             dtype=args.dtype, compile_=args.compile, overhead_tokens=ints(args.overhead_tokens), ops=args.ops,
-            call_memory_latent=args.call_memory, rematch_every=args.rematch_every,
+            call_memory_latent=args.call_memory, rematch_every=args.rematch_every, cache_interval=args.cache_interval,
         )  # fmt: skip
     except ValueError as error:
         raise EvaluationError(f"bad --sizes or --overhead-tokens: {error}") from error
@@ -192,7 +202,7 @@ def _generate(args: argparse.Namespace) -> int:
     reduction = _reduction(args)
     config = GenerateConfig(  # checks every option that needs no model, before anything is loaded or written
         **_sampling_options(args), out=args.out, methods=parse_methods(args.methods, ratios, reduction),
-        reduction=reduction, warmup=args.warmup, adopt=args.adopt,
+        reduction=reduction, cache_interval=args.cache_interval, warmup=args.warmup, adopt=args.adopt,
     )  # fmt: skip
     manifest = generate(config, progress=not args.quiet)
     if not is_main_process():  # process 0 of a multi-process launch prints for all of them
@@ -209,7 +219,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluateOptions, evaluate
     from .report import markdown, write_report
 
-    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost)
+    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost, compare=args.compare)
     report = evaluate(args.run, options)
     paths = write_report(args.run, report, args.grid_columns)
     print(markdown({k: v for k, v in report.items() if k != "names"}))
@@ -227,6 +237,14 @@ def _analyze(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = analyze(config, progress=not args.quiet)
     print(format_summary(result))
+    if "architecture" in result:  # a diffusion transformer: its blocks by index, no max_downsample
+        blocks = result["apply_kwargs"]["blocks"]
+        chosen = "" if blocks is None else f" --blocks {blocks if isinstance(blocks, str) else ','.join(map(str, blocks))}"
+        print(f"proposed schedule: {result['proposed_schedule']} (default {result['default_schedule']}, "
+              f"{result['architecture']}, blocks {'all' if blocks is None else chosen.split()[-1]})")  # fmt: skip
+        print(f"wrote {Path(args.out) / 'fl.json'}, {Path(args.out) / 'fl.png'}; use it with: tofu-sd generate --model "
+              f"{args.model} --schedule {result['proposed_schedule']}{chosen} ...")  # fmt: skip
+        return 0
     max_downsample = result["apply_kwargs"]["max_downsample"]
     print(f"proposed schedule: {result['proposed_schedule']} (default {result['default_schedule']}, "
           f"max_downsample {max_downsample})")  # fmt: skip

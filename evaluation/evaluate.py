@@ -130,6 +130,21 @@ def _run_ratios(manifest: dict, methods: list[str]) -> dict[str, float | None]:
     return {m: params[m].get("ratio", None if params[m] else run_ratio) for m in methods}
 
 
+def _step_options(manifest: dict, methods: list[str]) -> dict[str, dict]:
+    """The options each method ran with that change its step time from step to step: the run's ``rematch_every``
+    for ToFu's methods, a ``deepcache+`` name's ``cache_interval`` (a ``deepcache@N`` name holds its own)."""
+    rematch = (manifest.get("config", {}).get("reduction") or {}).get("rematch_every", 1)
+    out = {}
+    for m in methods:
+        params = (manifest["methods"].get(m) or {}).get("params") or {}
+        family = m.partition("@")[0]
+        own = {"rematch_every": rematch} if "tofu" in family else {}
+        if family.startswith("deepcache+"):
+            own["cache_interval"] = params.get("cache_interval")
+        out[m] = own
+    return out
+
+
 def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int, dict]:
     """Metrics of one method against the reference, over same-seed pairs, and the per-pair scores."""
     ms_ssim = PairwiseMSSSIM()
@@ -237,7 +252,7 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     run_dir = Path(run_dir)
     methods, names = image_sets(run_dir, options.reference)
     manifest = load_manifest(run_dir)
-    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods)) if options.cost else None
+    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods), _step_options(manifest, methods)) if options.cost else None
     try:  # checked before any metric is computed
         extra = parse_pairs(options.compare, methods, options.reference) if options.compare else []
     except ValueError as error:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -27,8 +28,11 @@ from .errors import EvaluationError
 from .files import is_disk_full
 from .images import image_name, image_text, save_png_atomic
 from .memory import PeakMemory
-from .methods import method_applied, parse_methods
-from .models import load_pipeline, resolve_device, resolve_dtype
+from .methods import MethodOptions, method_applied, parse_methods
+from .methods.base import DEFAULT_CACHE_INTERVAL
+from .models import (
+    TINY_SD3, call_kwargs, check_available, check_methods, load_pipeline, refuse_unet_only, resolve_device, resolve_dtype,
+)  # fmt: skip
 from .processes import Processes, ProcessesLost, Signals, describe
 from .rundir import MANIFEST, Plan, RunDir, Unit, disk_full
 from .sampling import SamplingOptions, image_seed
@@ -43,6 +47,8 @@ class GenerateConfig(SamplingOptions):
         methods: method names (``full``, ``tome``, ``tofu@0.3``, ...), as :func:`evaluation.methods.parse_methods`
             gives them.
         reduction: the token-reduction options of every reducing method (a name's ``@ratio`` replaces its ratio).
+        cache_interval: DeepCache's interval in the ``deepcache+<tofu>`` methods (an integer >= 2; ``deepcache@N``
+            has its own); recorded in their parameters.
         warmup: one untimed call per method first, so one-time costs stay out of the timing.
         adopt: rebuild a lost manifest from the images in ``out`` (:mod:`evaluation.adopt`).
     """
@@ -50,8 +56,9 @@ class GenerateConfig(SamplingOptions):
     out: str
     methods: list[str]
     per_class: int = 2
-    steps: int = 50
+    DEFAULT_STEPS: ClassVar[int] = 50  #: ``steps`` of a model without its own (``tiny-sd3``: 20)
     reduction: TokenFusionConfig = field(default_factory=TokenFusionConfig)
+    cache_interval: int = DEFAULT_CACHE_INTERVAL
     warmup: bool = True
     adopt: bool = False
 
@@ -61,12 +68,21 @@ class GenerateConfig(SamplingOptions):
             raise EvaluationError("--out must name a folder")
         if not isinstance(self.reduction, TokenFusionConfig):
             raise EvaluationError(f"reduction must be a TokenFusionConfig, got {type(self.reduction).__name__}")
+        self.method_options  # noqa: B018 - checks cache_interval
         if not isinstance(self.methods, (list, tuple)) or not all(isinstance(m, str) for m in self.methods):
             raise EvaluationError(f"methods must be a list of method names, got {self.methods!r}")
         normal = parse_methods(",".join(self.methods), None, self.reduction)
         if normal != list(self.methods):
             raise EvaluationError(f"methods {list(self.methods)} are not in normal form; give {normal}")
         self.methods = list(self.methods)
+        check_available(self.model)
+        if self.model == TINY_SD3:  # a diffusion transformer, known before it is loaded (others: after, in generate)
+            refuse_unet_only(self.methods, self.model)
+
+    @property
+    def method_options(self) -> MethodOptions:
+        """The options of the methods besides ``reduction`` (:class:`~evaluation.methods.MethodOptions`)."""
+        return MethodOptions(cache_interval=self.cache_interval)
 
 
 def _stderr(message: str) -> None:
@@ -99,6 +115,8 @@ def _generate(config: GenerateConfig, procs: Processes, stack: contextlib.ExitSt
     # Process 0 checks the options against the run's and holds the run directory; nothing is written yet.
     run = procs.step(lambda: RunDir.open(config, device, dtype, stack, log), main_only=True)
     pipe = procs.step(lambda: load_pipeline(config.model, device, dtype, config.scheduler))
+    # Methods the pipeline cannot run (U-Net-only ones on a diffusion transformer) are refused before anything is written.
+    procs.step(lambda: check_methods(pipe, config.model, config.methods, config.reduction, config.method_options), main_only=True)
     devices = procs.exchange(str(device))
     # Process 0 checks the size against the pipeline, binds the run and lists the pending batches.
     plan = procs.step(lambda: run.start(pipe, devices, procs.count), main_only=True, share=True)
@@ -128,12 +146,13 @@ class _Maker:
                 height=self.height,
                 width=self.width,
                 generator=[torch.Generator("cpu").manual_seed(image_seed(config.seed, c, k)) for c, k in batch],
+                **call_kwargs(config.model),
             ).images
 
     def make(self, unit: Unit, report: dict) -> None:
         batch, config = unit.batch, self.config
         for method, missing in unit.missing:  # interleaved, so slow drifts of the machine hit every method alike
-            applied = lambda method=method: method_applied(self.pipe, method, config.reduction)  # noqa: E731
+            applied = lambda method=method: method_applied(self.pipe, method, config.reduction, config.method_options)  # noqa: E731
             if config.warmup and method not in self.warmed:
                 with applied():  # one-time costs (allocator, kernels) stay out of the timing
                     self.run_pipe(batch, 1)

@@ -1,7 +1,11 @@
 """Functional linearity (Token Fusion paper, Sec. 3.1, Eq. 8) as small pure functions, tested on closed forms:
 the interpolation path, FL of a function along it, the attention of a query against fixed keys and values, the
 schedule it proposes, timestep groups and summary statistics. :mod:`evaluation.analyze` measures them on a
-pipeline."""
+pipeline.
+
+:func:`query_attention` is a U-Net's (or PixArt's) self-attention with fixed keys and values; :func:`joint_query_attention`
+is the same for the attentions of diffusion transformers that take their text tokens as a second stream (SD3's
+joint attention, SD3.5's second one, Flux's), with rotary positions where Flux has them."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FUNCTIONS = ("self_attention", "feed_forward")
 TIMESTEP_GROUPS = ("early", "middle", "late")
@@ -67,6 +72,65 @@ def query_attention(attn: torch.nn.Module, queries: torch.Tensor, context: torch
     every other token fixed (exactly so for ``context`` = the real sequence, up to the token's own key/value).
     """
     return attn.forward(queries, encoder_hidden_states=context)
+
+
+def joint_query_attention(
+    attn: torch.nn.Module,
+    queries: torch.Tensor,
+    context: torch.Tensor,
+    added: torch.Tensor | None = None,
+    *,
+    query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    added_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    project_out: bool = True,
+) -> torch.Tensor:
+    """The image output of a diffusion transformer's attention for ``queries`` ``(B, M, C)``, against fixed keys and
+    values: those of ``context`` ``(B, N, C)`` (through ``to_k`` / ``to_v`` / ``norm_k``, as the attention's
+    ``hidden_states``) and, given ``added`` ``(B, T, C)`` (the text stream, its ``encoder_hidden_states``), those
+    of ``added`` too (through ``add_k_proj`` / ``add_v_proj`` / ``norm_added_k``). The queries go through ``to_q``
+    and ``norm_q``; ``to_out`` follows with ``project_out`` (not in Flux's single-stream blocks, whose attention
+    has none). This is what ``JointAttnProcessor2_0`` (SD3's ``attn`` with the text, SD3.5's ``attn2`` without)
+    and ``FluxAttnProcessor`` compute for one image query, its key and value left as they are in the context.
+
+    Rotary embeddings (Flux), each a ``(cos, sin)`` pair as diffusers' ``apply_rotary_emb`` takes them:
+    ``context_rotary`` ``(N, D)`` and ``added_rotary`` ``(T, D)`` rotate the keys, ``query_rotary`` ``(B, M, D)``
+    the queries, one position per query (the batch is folded into the sequence, as :class:`tofu_sd.dit_hooks.RotaryHook`
+    does). Passing a query at its own position with the real streams gives that token's real attention output.
+
+    Calling ``attn`` itself with the queries as ``hidden_states`` would not do: their keys and values would join
+    the attention, and an ``encoder_hidden_states`` would be taken for the text stream (its queries computed too).
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    heads = attn.heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, S, H * D) -> (B, S, H, D)
+        return x.unflatten(-1, (heads, -1))
+
+    q, k, v = split(attn.to_q(queries)), split(attn.to_k(context)), split(attn.to_v(context))
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    if query_rotary is not None:
+        B, M = q.shape[:2]
+        table = tuple(t.reshape(B * M, -1) for t in query_rotary)
+        q = apply_rotary_emb(q.reshape(1, B * M, *q.shape[2:]), table, sequence_dim=1).view(q.shape)
+    if context_rotary is not None:
+        k = apply_rotary_emb(k, context_rotary, sequence_dim=1)
+    if added is not None:
+        added_k, added_v = split(attn.add_k_proj(added)), split(attn.add_v_proj(added))
+        if getattr(attn, "norm_added_k", None) is not None:
+            added_k = attn.norm_added_k(added_k)
+        if added_rotary is not None:
+            added_k = apply_rotary_emb(added_k, added_rotary, sequence_dim=1)
+        k, v = torch.cat([k, added_k], dim=1), torch.cat([v, added_v], dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out.transpose(1, 2).flatten(2).to(q.dtype)
+    if project_out:
+        out = attn.to_out[1](attn.to_out[0](out))
+    return out
 
 
 def propose_schedule(mean_fl: list[float | None], threshold: float, fallback: str) -> str:

@@ -1,6 +1,15 @@
-"""Loading the Stable Diffusion pipeline to generate with: a hub id, a local folder, or the offline ``tiny`` one."""
+"""Loading the pipeline to generate with: a hub id, a local folder, or a built-in offline one (``tiny``, a U-Net;
+``tiny-sd3``, a diffusion transformer); what each model needs in its calls; which methods a pipeline can run.
+
+A pipeline is either a U-Net Stable Diffusion (SD 1.x, 2.x, SDXL), on which every method runs, or a diffusion
+transformer that :mod:`tofu_sd.dit` supports (SD3 / SD3.5, PixArt, Flux), on which only Token Fusion through
+``tofu_sd.apply`` runs (:func:`check_methods`).
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -9,7 +18,12 @@ from .errors import EvaluationError
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"  # the built-in model trained on coloured shapes (evaluation/shapes/model), offline
 TINY_RANDOM = "tiny-random"  # random-weight tiny configs (evaluation/tiny_random.py): fast, for tests, draws noise
-BUILTIN_MODELS = (TINY, TINY_RANDOM)
+TINY_SD3 = "tiny-sd3"  # the built-in SD3-style diffusion transformer trained on coloured shapes (evaluation/shapes_sd3)
+BUILTIN_MODELS = (TINY, TINY_RANDOM, TINY_SD3)
+SHAPES_MODELS = (TINY, TINY_SD3)  #: the built-in models made for the ``shapes`` prompt set
+#: Development only: a folder that ``--model tiny-sd3`` loads instead of the shipped ``evaluation/shapes_sd3/model``
+#: (an intermediate export, or the tests' random one).
+TINY_SD3_DIR_ENV = "TOFU_SD_TINY_SD3_DIR"
 
 # --scheduler names -> diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -50,8 +64,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def default_prompt_set(model: str) -> str:
-    """The prompt set a model was made for: its own shape classes for the built-in model, ImageNet otherwise."""
-    return "shapes" if model == TINY else "imagenet"
+    """The prompt set a model was made for: its own shape classes for the built-in models, ImageNet otherwise."""
+    return "shapes" if model in SHAPES_MODELS else "imagenet"
+
+
+def model_defaults(model: str) -> dict:
+    """Sampling defaults of a model that has its own (``tiny-sd3``: ``steps``, ``guidance_scale``); else ``{}``."""
+    if model == TINY_SD3:
+        from .shapes_sd3 import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        return {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
+    return {}
+
+
+def call_kwargs(model: str) -> dict:
+    """Keyword arguments every pipeline call of ``model`` takes besides the sampling options (``tiny-sd3``: its
+    ``max_sequence_length``, the number of zero "T5" tokens it was trained with); else ``{}``."""
+    if model == TINY_SD3:
+        from .shapes_sd3 import CALL_KWARGS
+
+        return dict(CALL_KWARGS)
+    return {}
 
 
 def builtin_model_dir():
@@ -61,11 +94,26 @@ def builtin_model_dir():
     return MODEL_DIR
 
 
+def builtin_sd3_dir() -> Path:
+    """The folder of the built-in SD3-style model: ``$TOFU_SD_TINY_SD3_DIR`` if set (development), else the shipped one."""
+    from .shapes_sd3 import MODEL_DIR
+
+    return Path(os.environ.get(TINY_SD3_DIR_ENV) or MODEL_DIR)
+
+
+def is_transformer_pipeline(pipe) -> bool:
+    """Whether ``pipe`` is a diffusion-transformer pipeline (no U-Net, a ``transformer``)."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str | None = None):
-    """The text-to-image pipeline of ``model`` on ``device``, with a U-Net, progress bar off."""
+    """The text-to-image pipeline of ``model`` on ``device``, with a U-Net or a supported diffusion transformer,
+    progress bar off."""
     import diffusers
 
-    if model == TINY_RANDOM:
+    if model == TINY_SD3:
+        pipe = _load_tiny_sd3(dtype)
+    elif model == TINY_RANDOM:
         from .tiny_random import tiny_pipeline
 
         pipe = tiny_pipeline()
@@ -86,22 +134,135 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
             raise EvaluationError(
                 f"could not load --model {model!r} ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
                 "--model takes a Hugging Face hub id (downloaded once, then cached), a local diffusers folder, "
-                f"or '{TINY}' for the built-in offline model."
+                f"or '{TINY}' / '{TINY_SD3}' for the built-in offline models."
             ) from error
-    if getattr(pipe, "unet", None) is None:
-        raise EvaluationError(
-            f"--model {model!r} is a {type(pipe).__name__} without a U-Net; token reduction here supports "
-            "U-Net Stable Diffusion models (SD 1.x, 2.x, SDXL)."
-        )
+    _check_supported(model, pipe)
     if scheduler is not None:
         if scheduler not in SCHEDULERS:
             raise EvaluationError(f"unknown --scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if "FlowMatch" in type(pipe.scheduler).__name__:
+            raise EvaluationError(
+                f"--scheduler {scheduler} replaces a noise-prediction scheduler, but --model {model!r} is a "
+                f"flow-matching model ({type(pipe.scheduler).__name__}); leave --scheduler out"
+            )
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _missing_tiny_sd3(folder: Path) -> EvaluationError:
+    return EvaluationError(
+        f"--model {TINY_SD3}: the built-in SD3-style model is not in {folder} (no model_index.json): it has not been "
+        f"exported there yet. Train and export it (python -m evaluation.shapes_sd3.train, then "
+        f"python -m evaluation.shapes_sd3.export), or use --model {TINY} meanwhile"
+    )
+
+
+def check_available(model: str) -> None:
+    """EvaluationError if ``model`` is a built-in one whose folder is missing (so far ``tiny-sd3``), before
+    anything is loaded or written."""
+    if model == TINY_SD3 and not (builtin_sd3_dir() / "model_index.json").is_file():
+        raise _missing_tiny_sd3(builtin_sd3_dir())
+
+
+def _load_tiny_sd3(dtype: torch.dtype):
+    from .shapes_sd3 import load_pipeline as load_sd3
+
+    folder = builtin_sd3_dir()
+    try:
+        return load_sd3("cpu", dtype, folder)
+    except FileNotFoundError as error:
+        raise _missing_tiny_sd3(folder) from error
+
+
+def _check_supported(model: str, pipe) -> None:
+    """EvaluationError unless ``pipe`` has a U-Net or a transformer that tofu_sd supports."""
+    if getattr(pipe, "unet", None) is not None:
+        return
+    from tofu_sd import dit
+
+    if is_transformer_pipeline(pipe):
+        try:
+            dit.unwrap_transformer(pipe)
+            return
+        except ValueError:
+            has = f"a {type(pipe.transformer).__name__}"
+    else:
+        has = "neither a U-Net nor a transformer"
+    raise EvaluationError(
+        f"--model {model!r} is a {type(pipe).__name__} with {has}; token reduction here supports U-Net Stable "
+        f"Diffusion models (SD 1.x, 2.x, SDXL) and the diffusion transformers of tofu_sd.dit ({dit.SUPPORTED})."
+    )
+
+
 def default_size(pipe) -> int:
-    """The pipeline's native image side: U-Net sample size times the VAE's scale factor."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The pipeline's native image side: U-Net (or transformer) sample size times the VAE's scale factor."""
+    if getattr(pipe, "unet", None) is not None:
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    return int(sample * pipe.vae_scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which methods a pipeline can run
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Why each method family that is not Token Fusion runs on U-Nets only (by the base name before ``@`` and ``+``).
+UNET_ONLY = {
+    "tome": "the tomesd package patches a U-Net's BasicTransformerBlocks",
+    "todo": "this project's ToDo patches the self-attention of a U-Net's BasicTransformerBlocks",
+    "catome": "the ca-tome package patches a U-Net's BasicTransformerBlocks",
+    "oracle": "it replaces the self-attention of a U-Net's BasicTransformerBlocks",
+    "deepcache": "DeepCache caches the deep blocks of a U-Net between its skip connections",
+}
+
+
+def _unet_only_reason(method: str) -> str | None:
+    from .methods import split_name
+
+    base = split_name(method)[0]
+    for family, why in UNET_ONLY.items():
+        if base == family or base.startswith((family + "+", family + "-")):
+            return why
+    return None
+
+
+def refuse_unet_only(methods, model: str) -> None:
+    """EvaluationError if a method of ``methods`` runs only on U-Nets (tome, todo, catome, oracle, deepcache...),
+    for a diffusion-transformer ``model``, named here as it is in the message."""
+    refused = [(m, why) for m in methods if (why := _unet_only_reason(m)) is not None]
+    if refused:
+        lines = "; ".join(f"{m}: {why}" for m, why in refused)
+        raise EvaluationError(
+            f"--model {model} is a diffusion transformer, and {', '.join(m for m, _ in refused)} "
+            f"run{'s' if len(refused) == 1 else ''} on U-Nets only ({lines}). On diffusion transformers give full "
+            "and the tofu methods that tofu_sd.apply supports there (tofu, tofu-P, tofu-A, tofu-M, tofu-local)"
+        )
+
+
+def check_methods(pipe, model: str, methods, options, more=None) -> None:
+    """EvaluationError, before anything is generated, if ``pipe`` cannot run one of ``methods``: on a diffusion
+    transformer the U-Net-only methods (:func:`refuse_unet_only`), and each tofu method that ``tofu_sd.apply``
+    refuses there (``tofu-kv`` on SD3 and Flux, the ``+ff`` / ``+attn2`` variants), found by applying and
+    removing it (``apply`` checks everything before it touches the model). On a U-Net: ``--blocks``, which only
+    diffusion transformers take."""
+    if not is_transformer_pipeline(pipe):
+        if getattr(options, "blocks", None) is not None and any(not m.startswith("full") for m in methods):
+            raise EvaluationError(
+                f"--blocks {options.blocks} chooses blocks of a diffusion transformer; --model {model} is a U-Net, "
+                "whose blocks are chosen by resolution: use --max-downsample"
+            )
+        return
+    from tofu_sd import dit
+
+    from .methods import method_applied
+
+    refuse_unet_only(methods, model)
+    arch = type(dit.unwrap_transformer(pipe)).__name__
+    for method in methods:
+        try:
+            with method_applied(pipe, method, options, more):
+                pass
+        except ValueError as error:
+            raise EvaluationError(f"method {method} cannot run on --model {model} (a {arch}): {error}") from error

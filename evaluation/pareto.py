@@ -124,26 +124,43 @@ def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -
     return problems
 
 
-def bench_cost(path: str | Path, methods: list[str], ratios: dict[str, float | None]) -> dict:
+def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str, dict]) -> list[str]:
+    """A line per run method whose step-dependent option (ToFu's ``rematch_every``, the ``cache_interval`` of a
+    ``deepcache+`` name) differs from the bench's, which timed every variant with its own."""
+    problems = []
+    for name in methods:
+        for key, default in (("rematch_every", 1), ("cache_interval", 3)):
+            mine = (step_options.get(name) or {}).get(key)
+            if mine is not None and mine != bench.get(key, default):
+                problems.append(f"  {name}: the run's {key} is {mine}, the bench's {bench.get(key, default)} (--{key.replace('_', '-')})")
+    return problems
+
+
+def bench_cost(
+    path: str | Path, methods: list[str], ratios: dict[str, float | None], step_options: dict[str, dict] | None = None
+) -> dict:
     """The cost of each run method from a bench JSON, checked before any metric is computed.
 
     ``ratios`` maps each method name to the ratio it ran at in the run (for unsuffixed names, which must match the
-    bench's ``ratio``). Returns ``{"cost": <report.json's pareto.cost>, "points": {name: {BENCH_X: {size: x},
+    bench's ``ratio``); ``step_options`` to the step-dependent options it ran with, which must be the bench's
+    (``{"rematch_every": k}`` for ToFu's methods, ``{"cache_interval": n}`` for ``deepcache+`` names). Returns ``{"cost": <report.json's pareto.cost>, "points": {name: {BENCH_X: {size: x},
     BENCH_SECONDS: {size: seconds}}}}``. EvaluationError naming every method the bench lacks and the bench
     command that would time them all.
     """
     path = Path(path)
     bench = read_bench(path)
     sizes = list(bench["steps"])
-    problems = _missing(bench, methods, ratios)
+    problems = _missing(bench, methods, ratios) + _step_options_differ(bench, methods, step_options or {})
     if problems:
         variants = ",".join(dict.fromkeys(["full", *methods]))
         unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
         ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
+        steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
+                 if value is not None and value != {"rematch_every": 1, "cache_interval": 3}[key]}  # fmt: skip
         command = (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(sizes)} --variants {variants}"
-                   f"{ratio} --json {path}")  # fmt: skip
+                   f"{ratio}{''.join(sorted(steps))} --json {path}")  # fmt: skip
         raise EvaluationError(
-            f"--cost {path} has no step time for some of this run's methods:\n" + "\n".join(problems)
+            f"--cost {path} has no step time for some of this run's methods as they ran:\n" + "\n".join(problems)
             + f"\nTime them all in one bench (ratios are paired within a bench run): {command}"
         )
     points = {
@@ -199,6 +216,8 @@ def pareto_data(report: dict, cost: dict | None = None) -> dict:
         family, ratio = _family_and_ratio(name, params.get(name), config.get("reduction") or {})
         own = params.get(name) or {}
         label = f"{ratio:g}" if ratio is not None else (f"T={own['threshold']:g}" if "threshold" in own else None)
+        if "cache_interval" in own:  # DeepCache's interval (with ToFu's ratio, for a combination)
+            label = f"N={own['cache_interval']}" + (f", {label}" if label else "")
         point = {"name": name, "ratio": ratio, "label": label, "keys_removed": own.get("keys_removed"),
                  "sec_per_image": m.get("sec_per_image")}  # fmt: skip
         point.update({key: m[key] for key, _, _ in FIDELITY if key in m})

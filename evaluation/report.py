@@ -66,7 +66,10 @@ def _notes(config: dict, methods: dict) -> list[str]:
     """What the options were and what the columns mean."""
     reduction = config.get("reduction") or {}
     swept = any("@" in name for name in methods)
-    ratio = f"the number after '@' in a row's name (else {reduction.get('ratio')})" if swept else reduction.get("ratio")
+    ratio = (
+        f"the number after '@' in a row's name (else {reduction.get('ratio')}; in `deepcache@N`, N is DeepCache's "
+        "cache interval)" if swept else reduction.get("ratio")
+    )  # fmt: skip
     lines = [
         "",
         f"Token reduction: ratio {ratio}, schedule {reduction.get('schedule') or 'default (P down, M up)'}, "

@@ -257,7 +257,7 @@ class RunDir:
             fresh = {"seconds": 0.0, "images_timed": 0, "peak_mem_bytes": 0}
             stats = manifest["methods"].setdefault(method, fresh)
             # A name's own parameters (a sweep's ratio, ToDo's pooling, ...) are bound per method folder.
-            params, old_params = method_params(method, config.reduction), stats.get("params")
+            params, old_params = method_params(method, config.reduction, config.method_options), stats.get("params")
             if old_params is not None and old_params != params:
                 if run_images_of(self.path, method):
                     raise EvaluationError(
@@ -348,6 +348,8 @@ def _changed(old: dict, asked: dict) -> dict:
     recorded = dict(old)
     if isinstance(old.get("reduction"), dict):
         recorded["reduction"] = {**asdict(TokenFusionConfig()), **old["reduction"]}
+    # Compared as the manifest's JSON holds them (a tuple option, the reduction's modules, reads back a list).
+    recorded, asked = json.loads(json.dumps(recorded)), json.loads(json.dumps(asked))
     return {
         k: (old.get(k), v)
         for k, v in asked.items()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
+from typing import ClassVar
 
 import prompts
 
 from .errors import EvaluationError
-from .models import DEFAULT_MODEL, DTYPES, SCHEDULERS, default_prompt_set
+from .models import DEFAULT_MODEL, DTYPES, SCHEDULERS, default_prompt_set, model_defaults
 
 MAX_PER_CLASS = 1000  #: samples per class that :func:`image_seed` keeps apart
 SIZE_MULTIPLE = 8  #: Stable Diffusion pipelines refuse image sides that are not multiples of 8
@@ -73,30 +74,35 @@ class SamplingOptions:
     Args:
         model: what :func:`evaluation.models.load_pipeline` loads: a hub id, a local folder, ``tiny`` or
             ``tiny-random``.
-        prompts: prompt set, ``imagenet`` or ``shapes``; None: the model's own (``shapes`` for ``tiny``).
+        prompts: prompt set, ``imagenet`` or ``shapes``; None: the model's own (``shapes`` for ``tiny`` and
+            ``tiny-sd3``).
         classes: class indices of the prompt set; None: all of them.
         per_class: samples per class; sample ``k`` of class ``c`` has seed :func:`image_seed` ``(seed, c, k)``.
-        steps: denoising steps.
+        steps: denoising steps; None: the model's own (``tiny-sd3``: 20), else :attr:`DEFAULT_STEPS`.
         seed: base seed.
         batch_size: prompts per pipeline call.
         device, dtype: ``auto`` or a torch device; ``auto``, ``fp32``, ``fp16`` or ``bf16``.
         height, width: image size in pixels; None: the model's default (for a run being extended: its size).
-        guidance_scale: classifier-free guidance.
+        guidance_scale: classifier-free guidance; None: the model's own (``tiny-sd3``: 5), else
+            :attr:`DEFAULT_GUIDANCE`.
         scheduler: replace the model's scheduler (a name of :data:`evaluation.models.SCHEDULERS`), or None.
     """
+
+    DEFAULT_STEPS: ClassVar[int] = 20  #: ``steps`` of a model without its own (:func:`~evaluation.models.model_defaults`)
+    DEFAULT_GUIDANCE: ClassVar[float] = 7.5  #: ``guidance_scale`` of a model without its own
 
     model: str = DEFAULT_MODEL
     prompts: str | None = None
     classes: list[int] | None = None
     per_class: int = 1
-    steps: int = 20
+    steps: int | None = None
     seed: int = 0
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"
     height: int | None = None
     width: int | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +110,11 @@ class SamplingOptions:
             raise EvaluationError(f"--model must name a model, got {self.model!r}")
         if self.prompts is None:
             self.prompts = default_prompt_set(self.model)
+        own = model_defaults(self.model)
+        if self.steps is None:
+            self.steps = own.get("steps", self.DEFAULT_STEPS)
+        if self.guidance_scale is None:
+            self.guidance_scale = own.get("guidance_scale", self.DEFAULT_GUIDANCE)
         if self.prompts not in prompts.PROMPT_SETS:
             raise EvaluationError(f"unknown --prompts {self.prompts!r}; choose from {', '.join(prompts.PROMPT_SETS)}")
         self._check_classes()

@@ -15,6 +15,7 @@ from evaluation.bench.machinery import machinery
 from evaluation.bench.profiling import KINETO_LOG_LEVEL, cpu_profile
 from evaluation.bench.steps import step_ratios
 from evaluation.cli import build_parser, main
+from evaluation.methods import REGISTRY
 from evaluation.methods.oracle import OracleHook
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
 from tofu_sd.partition import timestep_key
@@ -27,7 +28,9 @@ def test_bench_smoke_writes_every_variant_and_ratio(tmp_path, capsys):
     assert result["arch"] == "tiny-random"
     variants = result["steps"]["128"]["variants"]
     assert list(variants) == list(default_variants())
-    assert set(VARIANTS) - set(variants) <= {"catome"}  # catome only where ca-tome is installed
+    left_out = {v for v in VARIANTS if v not in variants and REGISTRY[v].in_bench_default}
+    assert left_out <= {"catome", "deepcache"}  # only where ca-tome (DeepCache) is installed
+    assert {"tofu+ff", "tome+mlp", "deepcache+tofu"} <= set(VARIANTS) - set(variants)  # not in the default set
     for stats in variants.values():
         assert stats["reps"] == 2 and 0 < stats["min_s"] <= stats["median_s"] and stats["peak_mem_gb"] > 0
     if "catome" in variants:  # a 50-step schedule's mean: 13 matching steps (CONFIG_3), 37 cached ones
@@ -133,13 +136,15 @@ def test_variants_leave_the_unet_as_it_was(variant):
     unet = tiny_unet("sd15")
     inputs = tiny_unet_inputs(unet)
     before = _structure(unet)
+    steps = ({**inputs, "timestep": torch.tensor(t)} for t in (500, 480))  # two steps: DeepCache's 2nd is cached
     with torch.no_grad():
-        reference = unet(**inputs).sample
+        reference = [unet(**step).sample for step in steps]
         with variant_applied(unet, variant, 0.5):
-            patched = unet(inputs["sample"], **{k: v for k, v in inputs.items() if k != "sample"}).sample
-        assert torch.equal(unet(**inputs).sample, reference)
+            steps = ({**inputs, "timestep": torch.tensor(t)} for t in (500, 480))
+            patched = [unet(step.pop("sample"), **step).sample for step in steps]
+        assert torch.equal(unet(**inputs).sample, reference[0])
     if variant != "full":
-        assert not torch.equal(patched, reference)
+        assert not torch.equal(patched[1], reference[1])
     assert _structure(unet) == before
 
 
@@ -235,3 +240,22 @@ def test_bench_rematch_every_option_reaches_the_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["rematch_every"] == 3
     assert result["steps"]["128"]["variants"]["tofu"]["rematch_every"] == 3
+
+
+def test_bench_smoke_times_the_module_variants_and_deepcache(tmp_path, capsys):
+    """The +<module> variants, tomesd's merge_mlp, DeepCache alone and around tofu: named as for generate, the
+    DeepCache ones as an uncached and a cached step (tests/test_methods_deepcache.py checks which runs what)."""
+    pytest.importorskip("DeepCache")
+    out = tmp_path / "bench.json"
+    names = ["full", "tofu@0.5", "tofu+ff@0.5", "tome+mlp@0.5", "deepcache@3", "deepcache+tofu@0.5"]
+    assert main(["bench", "--smoke", "--variants", ",".join(names), "--no-ops", "--overhead-tokens", "", "--json", str(out)]) == 0
+    variants = json.loads(out.read_text())["steps"]["128"]["variants"]
+    assert list(variants) == names
+    for name in ("deepcache@3", "deepcache+tofu@0.5"):
+        stats = variants[name]
+        assert stats["cache_interval"] == 3 and len(stats["uncached_s"]) == len(stats["cached_s"]) == 2
+        for mean, uncached, cached in zip(stats["seconds"], stats["uncached_s"], stats["cached_s"]):
+            assert mean == pytest.approx(uncached / 3 + 2 * cached / 3)
+    table = capsys.readouterr().out
+    assert "  deepcache+tofu@0.5: DeepCache interval 3: per-step mean of 1 uncached step" in table
+    assert "\n  deepcache+tofu@0.5 " in table  # the name column is as wide as the longest name

@@ -258,3 +258,11 @@ def test_evaluate_reports_paired_differences(run_copy):
     assert comp["mean_diff"] == pytest.approx(sum(tome) / n - sum(tofu) / n)
     assert sum(tome) / n == pytest.approx(report["methods"]["tome"]["ms_ssim"])
     assert "## Paired differences between methods" in (run_copy / "report.md").read_text()
+
+
+def test_evaluate_compare_is_checked_before_any_metric(run_copy, capsys, monkeypatch):
+    import evaluation.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_load_models", lambda *a, **k: pytest.fail("metrics loaded before --compare was checked"))
+    assert main(["evaluate", str(run_copy), "--compare", "tofu:tomesd"]) == 2
+    assert "--compare names 'tomesd', which is not a compared method of this run (tome, tofu)" in capsys.readouterr().err

@@ -226,3 +226,26 @@ def test_evaluate_cost_through_the_cli(tmp_path, empty_torch_home, capsys):
     points = {p["name"]: p for series in report["pareto"]["series"].values() for p in series}
     assert points["tofu@0.5"]["sec_per_image"] == pytest.approx(1.5) and "step_vs_full" not in points["tofu@0.5"]
     assert OVERHEAD_NOTE in (run / "report.md").read_text()
+
+
+def test_a_method_must_be_timed_with_the_runs_rematch_every_and_cache_interval(tmp_path):
+    """ToFu with rematch_every=k, or DeepCache with interval n, has another step time than the bench's default
+    variant of the same name: a bench timed otherwise is refused, with the bench command that matches the run."""
+    bench = bench_json()
+    for step in bench["steps"].values():
+        step["variants"]["deepcache+tofu@0.5"] = step["variants"]["tofu@0.5"]
+    path = write_bench(tmp_path, bench)
+    run = ["full", "tofu@0.5", "tome@0.5", "deepcache+tofu@0.5"]
+    ratios = {"full": None, "tofu@0.5": 0.5, "tome@0.5": 0.5, "deepcache+tofu@0.5": 0.5}
+    same = {"tofu@0.5": {"rematch_every": 1}, "tome@0.5": {}, "deepcache+tofu@0.5": {"rematch_every": 1, "cache_interval": 3}}
+    assert bench_cost(path, run, ratios, same)["points"]["tofu@0.5"]["step_vs_full"]["512"] == pytest.approx(0.7)
+    other = {**same, "tofu@0.5": {"rematch_every": 2}, "deepcache+tofu@0.5": {"rematch_every": 2, "cache_interval": 4}}
+    with pytest.raises(EvaluationError) as error:
+        bench_cost(path, run, ratios, other)
+    message = str(error.value)
+    assert "tofu@0.5: the run's rematch_every is 2, the bench's 1 (--rematch-every)" in message
+    assert "deepcache+tofu@0.5: the run's cache_interval is 4, the bench's 3 (--cache-interval)" in message
+    assert "tome@0.5:" not in message
+    assert "--cache-interval 4 --rematch-every 2 --json" in message
+    bench.update(rematch_every=2, cache_interval=4)
+    assert bench_cost(write_bench(tmp_path, bench, "other.json"), run, ratios, other)["points"]

@@ -82,3 +82,73 @@ def test_a_new_method_is_one_entry(monkeypatch):
         assert len(stats["first_s"]) == len(stats["rest_s"]) == 2 and stats["first_weight"] == 0.25
         for mean, first, rest in zip(stats["seconds"], stats["first_s"], stats["rest_s"]):
             assert mean == pytest.approx(0.25 * first + 0.75 * rest)
+
+
+@pytest.mark.parametrize(
+    "name,modules,reduce",
+    [("tofu+ff", ("attn1", "ff"), "tokens"), ("tofu+attn2", ("attn1", "attn2"), "tokens"),
+     ("tofu+attn2+ff", ("attn1", "attn2", "ff"), "tokens"), ("tofu-kv+ff", ("attn1", "ff"), "kv")],
+)  # fmt: skip
+def test_the_module_variants_apply_and_record_their_modules(unet_sd15, name, modules, reduce):
+    """``tofu+ff`` and the like: tofu_sd.apply with those modules (whatever the run's), recorded in the parameters
+    as the manifest's JSON reads them back (a list); ``keys_removed`` is the ratio, with ``reduce="kv"`` too."""
+    run = TokenFusionConfig(ratio=0.5, schedule="M", seed=2)
+    assert method_params(f"{name}@0.3", run) == {"method": name, "ratio": 0.3, "keys_removed": 0.3, "modules": list(modules)}
+    with method_applied(unet_sd15, f"{name}@0.3", run):
+        config = tofu_sd.get_state(unet_sd15).config
+        assert (config.modules, config.reduce, config.ratio, config.schedule, config.seed) == (modules, reduce, 0.3, "M", 2)
+    assert tofu_sd.get_state(unet_sd15) is None
+    assert method_params("tofu", run) == {"method": "tofu", "ratio": 0.5, "keys_removed": 0.5}  # as before
+
+
+@pytest.mark.parametrize("name,flags", [("tome", {}), ("tome+mlp", {"merge_mlp": True}),
+                                        ("tome+ca+mlp", {"merge_crossattn": True, "merge_mlp": True})])  # fmt: skip
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_the_tome_variants_equal_tomesds_own_flags(unet_sd15, name, flags, use_rand):
+    """Independent expectation: tomesd.apply_patch with merge_mlp (and merge_crossattn) on the same U-Net, the same
+    global RNG state (tomesd draws its random partition from it)."""
+    tomesd = pytest.importorskip("tomesd")
+    inputs = tiny_unet_inputs(unet_sd15, height=8, width=8)
+    sample = inputs.pop("sample")  # tomesd reads the size from the first positional argument
+
+    def call():
+        torch.manual_seed(0)
+        return unet_sd15(sample, **inputs).sample
+
+    with torch.no_grad():
+        tomesd.apply_patch(unet_sd15, ratio=0.5, use_rand=use_rand, **flags)
+        theirs = call()
+        tomesd.remove_patch(unet_sd15)
+        with method_applied(unet_sd15, f"{name}@0.5", TokenFusionConfig(use_rand=use_rand)):
+            args = unet_sd15._tome_info["args"]
+            assert (args["merge_attn"], args["merge_crossattn"], args["merge_mlp"]) == (
+                True, flags.get("merge_crossattn", False), flags.get("merge_mlp", False))  # fmt: skip
+            ours = call()
+        tomesd.apply_patch(unet_sd15, ratio=0.5, use_rand=use_rand)
+        plain = call()
+        tomesd.remove_patch(unet_sd15)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, plain) == (name == "tome")  # the flags change the output
+
+
+def test_a_run_refuses_other_modules_for_a_name(tmp_path, capsys):
+    """A run whose tofu+ff images were made with other modules (its manifest says so) is not extended."""
+    import json
+
+    from evaluation.cli import main
+
+    out = tmp_path / "run"
+    base = ["generate", "--model", "tiny-random", "--methods", "full,tofu+ff", "--classes", "0", "--per-class", "1",
+            "--steps", "1", "--no-warmup", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(base) == 0
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["methods"]["tofu+ff"]["params"]["modules"] == ["attn1", "ff"]
+    assert main([*base, "--per-class", "2"]) == 0  # the same modules: extended
+    manifest = json.loads(path.read_text())
+    manifest["methods"]["tofu+ff"]["params"]["modules"] = ["attn1"]
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*base, "--per-class", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "tofu+ff was generated with" in err and "'modules': ['attn1']}" in err and "'modules': ['attn1', 'ff']" in err

@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..archs import BENCH_ARCHS, CLIP_TOKENS, build_unet as build_from_config, step_inputs
+from ..methods.base import DEFAULT_CACHE_INTERVAL, MethodOptions
 from ..models import resolve_device, resolve_dtype
 from .machinery import block_overhead
 from .steps import step_ratios, time_steps
@@ -36,20 +37,26 @@ def run_bench(
     arch: str = "sd15", latents: tuple[int, ...] = (64, 128), variants: tuple[str, ...] | None = None, ratio: float = 0.5,
     reps: int = 5, warmup: int = 1, batch: int = 2, device: str = "auto", dtype: str = "auto",
     compile_: bool = False, overhead_tokens: tuple[int, ...] = (4096, 16384, 65536), overhead_reps: int = 10,
-    ops: bool = True, call_memory_latent: int = 0, rematch_every: int = 1, log=print,
+    ops: bool = True, call_memory_latent: int = 0, rematch_every: int = 1,
+    cache_interval: int = DEFAULT_CACHE_INTERVAL, log=print,
 ) -> dict:  # fmt: skip
-    """Run the benchmark and return its results (what ``tofu-sd bench`` prints and writes as JSON)."""
+    """Run the benchmark and return its results (what ``tofu-sd bench`` prints and writes as JSON).
+
+    ``rematch_every`` is ToFu's for every tofu variant; ``cache_interval`` DeepCache's in the ``deepcache+<tofu>``
+    variants (``deepcache@N`` has its own)."""
     arch = ARCH_ALIASES.get(arch, arch)
     if arch not in BENCH_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(BENCH_ARCHS)}")
     options = bench_options(rematch_every)
-    names = parse_variants(default_variants() if variants is None else variants, ratio, options)
+    more = MethodOptions(cache_interval=cache_interval)
+    names = parse_variants(default_variants() if variants is None else variants, ratio, options, more)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     unet = build_unet(arch, dev, dt)
     out = {
         "machine": machine(), "device": dev.type, "dtype": str(dt).removeprefix("torch."), "arch": arch,
-        "batch": batch, "ratio": ratio, "rematch_every": rematch_every, "reps": reps, "compiled": compile_, "torch": torch.__version__,
+        "batch": batch, "ratio": ratio, "rematch_every": rematch_every,
+        "cache_interval": cache_interval, "reps": reps, "compiled": compile_, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}, "block_overhead": {},
     }  # fmt: skip
     if ops:
@@ -58,7 +65,7 @@ def run_bench(
     for latent in latents:
         log(f"timing {arch} step, batch {batch}, latent {latent}x{latent} ({latent * 8}px), {reps} rounds ...")
         inputs = step_inputs(unet, batch, latent, text_tokens=CLIP_TOKENS, device=dev, dtype=dt)
-        results, kind = time_steps(unet, inputs, names, ratio, reps, warmup, dev, compile_, options)
+        results, kind = time_steps(unet, inputs, names, ratio, reps, warmup, dev, compile_, options, more)
         out["steps"][str(latent * 8)] = {"variants": results, "ratios": step_ratios(results, ratio), "peak_mem_kind": kind}
     channels = unet.config.block_out_channels[0 if arch != "sdxl" else 1]
     for tokens in overhead_tokens:

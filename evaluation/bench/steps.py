@@ -12,6 +12,7 @@ import torch
 from tofu_sd import TokenFusionConfig
 
 from ..memory import PeakMemory
+from ..methods.base import MethodOptions
 from .profiling import peak_alloc_bytes
 from .variants import BENCH_OPTIONS, variant_applied, variant_mix, variant_params
 
@@ -65,21 +66,24 @@ def peak_step_bytes(unet, fn, device: torch.device) -> tuple[int, str]:
 @torch.no_grad()
 def time_steps(
     unet, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool,
-    options: TokenFusionConfig = BENCH_OPTIONS,
+    options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None,
 ):  # fmt: skip
     """Per variant: peak memory of one step, then ``reps`` timed steps in interleaved rounds.
 
     A variant with a :class:`~evaluation.methods.base.StepMix` (CA-ToMe, or ToFu with ``rematch_every > 1``: they
-    match at some steps and reuse the matchings at the rest) is timed at each phase of a fresh application in
-    every round, each phase's call at its own timestep if the mix gives one, and its step time is their mean
-    over a whole schedule.
+    match at some steps and reuse the matchings at the rest; DeepCache: it computes the deep blocks at some
+    steps and reuses them at the rest) is timed at each phase of a fresh application in every round, each
+    phase's call at its own timestep if the mix gives one, and its step time is their mean over a whole
+    schedule. The warm-up and peak-memory calls all run at the bench's timestep, which ToFu's ``rematch_every`` and
+    DeepCache take for a first step each time (matching, uncached). ``more``: the bench's
+    :class:`~evaluation.methods.base.MethodOptions`.
     """
     kind = ""
     model = torch.compile(unet) if compile_ else unet
     times = {v: StepTimes() for v in variants}
-    mixes = {v: variant_mix(v, ratio, options) for v in variants}
+    mixes = {v: variant_mix(v, ratio, options, more) for v in variants}
     for variant in variants:
-        with variant_applied(unet, variant, ratio, options):
+        with variant_applied(unet, variant, ratio, options, more):
             for _ in range(warmup):
                 unet_step(model, inputs)
             times[variant].peak_mem_bytes, kind = peak_step_bytes(unet, lambda: unet_step(model, inputs), device)
@@ -94,7 +98,7 @@ def time_steps(
 
     for _ in range(reps):
         for variant in variants:
-            with variant_applied(unet, variant, ratio, options):
+            with variant_applied(unet, variant, ratio, options, more):
                 if compile_:
                     unet_step(model, inputs)  # the patch changed: let the compiler retrace outside the timing
                 mix, t = mixes[variant], times[variant]

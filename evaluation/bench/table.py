@@ -25,10 +25,11 @@ def format_table(result: dict) -> str:
              f"batch {result['batch']}, ratio {result['ratio']}, compiled={result['compiled']})"]  # fmt: skip
     for size, data in result["steps"].items():
         full = data["variants"].get("full", {}).get("median_s")
-        lines += ["", f"{size}x{size}: variant   median s    min s   vs full (paired)   peak mem MB ({data['peak_mem_kind']})"]
+        width = max([10, *map(len, data["variants"])])
+        lines += ["", f"{size}x{size}: {'variant':<{width}}median s    min s   vs full (paired)   peak mem MB ({data['peak_mem_kind']})"]
         for name, r in data["variants"].items():
             rel = f"{data['ratios'].get(f'{name}/full', 1.0):7.3f}" if full else "    n/a"
-            lines.append(f"  {name:<10} {r['median_s']:9.4f} {r['min_s']:8.4f} {rel:>12}   {r['peak_mem_gb'] * 1024:14.1f}")
+            lines.append(f"  {name:<{width}} {r['median_s']:9.4f} {r['min_s']:8.4f} {rel:>12}   {r['peak_mem_gb'] * 1024:14.1f}")
         lines += _notes(result, data["variants"])
         keys = reducer_keys(data["variants"], result["ratio"])
         if keys:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from tofu_sd import TokenFusionConfig
 
-from ..methods.base import StepMix
+from ..methods.base import MethodOptions, StepMix
 from ..methods.names import Name, normal_names, parse_name
 from ..methods.registry import METHODS, REGISTRY
 
@@ -43,9 +43,11 @@ def bench_options(rematch_every: int = 1) -> TokenFusionConfig:
     return replace(BENCH_OPTIONS, rematch_every=rematch_every)
 
 
-def parse_variants(variants: Sequence[str], ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> list[str]:
+def parse_variants(
+    variants: Sequence[str], ratio: float, options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None
+) -> list[str]:
     """The variants in normal form (``tofu@.50`` -> ``tofu@0.5``); EvaluationError (or ValueError, for a missing
-    package) saying what to fix."""
+    package) saying what to fix, also for a step mix the bench cannot time (:func:`variant_mix`)."""
     names = normal_names(list(variants), options, noun="variant")
     for label in names:
         name = resolve_variant(label, ratio)
@@ -54,22 +56,28 @@ def parse_variants(variants: Sequence[str], ratio: float, options: TokenFusionCo
         needs = name.method.requires
         if needs is not None and not needs.available():
             raise ValueError(f"variant {label} needs the {needs.package} package: {needs.install}")
+        variant_mix(label, ratio, options, more)
     return names
 
 
-def variant_params(variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> dict:
-    return resolve_variant(variant, ratio).params(options)
+def variant_params(variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None) -> dict:
+    """The variant's parameters (``more``: the bench's :class:`~evaluation.methods.base.MethodOptions`)."""
+    return resolve_variant(variant, ratio).params(options, more)
 
 
-def variant_mix(variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS) -> StepMix | None:
+def variant_mix(
+    variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None
+) -> StepMix | None:
     """How the bench times the variant's step (:class:`~evaluation.methods.base.StepMix`), or None: one call."""
     name = resolve_variant(variant, ratio)
-    return name.method.mix(name.params(options), options)
+    return name.method.mix(name.params(options, more), options)
 
 
 @contextlib.contextmanager
-def variant_applied(unet, variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS):
+def variant_applied(
+    unet, variant: str, ratio: float, options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None
+):
     """Patch ``unet`` as the name ``variant`` says (at ``ratio`` unless it says otherwise) for the block."""
     name = resolve_variant(variant, ratio)
-    with name.method.patch(unet, options, name.params(options)):
+    with name.method.patch(unet, options, name.params(options, more)):
         yield

@@ -1,15 +1,16 @@
 """The compared methods, one registry for ``tofu-sd generate`` and ``tofu-sd bench``.
 
-- :mod:`.registry`: the entries (``full``, ``tome``, ``tofu`` and its variants ``tofu-P``/``-A``/``-M`` and
-  ``tofu-local``, the peers ``todo`` and ``catome``, and the ``oracle`` bound); :mod:`.base`: what an entry is.
+- :mod:`.registry`: the entries (``full``, ``tome`` and its ``+mlp`` variants, ``tofu`` and its variants
+  ``tofu-P``/``-A``/``-M``, ``tofu-local``, ``tofu-kv`` and the ``+ff``/``+attn2`` ones, the peers ``todo``,
+  ``catome`` and ``deepcache`` (alone and around tofu), and the ``oracle`` bound); :mod:`.base`: what an entry is.
 - :mod:`.names`: the ``<method>@<value>`` names and ``--ratios`` sweeps.
 - :mod:`.applied`: a name's parameters and its patch (:func:`method_params`, :func:`method_applied`).
 - One module per method family: :mod:`.tofu` (Token Fusion and ToMe), :mod:`.todo` (the ToDo peer),
-  :mod:`.catome` (the CA-ToMe adapter), :mod:`.oracle`.
+  :mod:`.catome` (the CA-ToMe adapter), :mod:`.deepcache` (the DeepCache adapter), :mod:`.oracle`.
 """
 
 from .applied import method_applied, method_params
-from .base import Method
+from .base import Method, MethodOptions
 from .catome import CATOME_BARE_STEPS, CATOME_CACHE, CATOME_INSTALL, CATOME_THRESHOLD, catome_applied
 from .names import check_name, expand_ratios, parse_methods, parse_name, ratios_of, split_name, variant_name
 from .registry import METHODS, REGISTRY, get_method
@@ -17,6 +18,7 @@ from .tofu import tome_max_downsample
 
 __all__ = [
     "CATOME_BARE_STEPS", "CATOME_CACHE", "CATOME_INSTALL", "CATOME_THRESHOLD", "METHODS", "REGISTRY", "Method",
+    "MethodOptions",
     "catome_applied", "check_name", "expand_ratios", "get_method", "method_applied", "method_params",
     "parse_methods", "parse_name", "ratios_of", "split_name", "tome_max_downsample", "variant_name",
 ]  # fmt: skip

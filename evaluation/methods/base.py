@@ -1,6 +1,7 @@
 """What an entry of the registry is: :class:`Method`; the kinds of value a name can carry after ``@``
 (:class:`Parameter`, a fraction; :class:`Ratio`, one that tofu_sd accepts; :class:`NoParameter`; ToDo's
-:class:`~.todo.Pooling`); :class:`StepMix`, for methods whose step cost depends on the step; :class:`Requirement`."""
+:class:`~.todo.Pooling`; DeepCache's :class:`~.deepcache.CacheInterval`); :class:`StepMix`, for methods whose step
+cost depends on the step; :class:`Requirement`; :class:`MethodOptions`, the run's options besides tofu_sd's."""
 
 from __future__ import annotations
 
@@ -17,6 +18,26 @@ from ..errors import EvaluationError
 
 def format_ratio(ratio: float) -> str:
     return format(ratio, "g")
+
+
+DEFAULT_CACHE_INTERVAL = 3  #: DeepCache's interval: the deep blocks are computed at 1 of this many steps
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The run's options that some methods take besides tofu_sd's (a :class:`tofu_sd.TokenFusionConfig`):
+    ``cache_interval`` (``--cache-interval``), DeepCache's interval in the ``deepcache+<tofu>`` combinations, an
+    integer >= 2. A method names the fields it takes in :attr:`Method.takes`; its parameters record them."""
+
+    cache_interval: int = DEFAULT_CACHE_INTERVAL
+
+    def __post_init__(self) -> None:
+        value = self.cache_interval
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise EvaluationError(
+                f"--cache-interval must be an integer >= 2 (DeepCache computes the deep blocks once every N steps and "
+                f"reuses them at the others; 1 would cache nothing), got {value!r}; e.g. --cache-interval 3"
+            )
 
 
 class Parameter:
@@ -112,8 +133,10 @@ class Method:
 
     ``params(value, options)`` gives what shapes the method's images beyond the run's ``options``, from the value
     after ``@`` in its name (None when unsuffixed): the manifest records it per name (a run refuses to change it)
-    and ``keys_removed``, the fraction of keys its self-attention drops (None when not fixed), places it on the
-    report's Pareto plot. ``patch(pipe, options, params)`` is a context manager that patches a pipeline (or a
+    and ``keys_removed``, the fraction of keys its self-attention drops (None when not fixed, or when what it saves
+    is not keys, as DeepCache's skipped blocks), places it on the report's Pareto plot. A method whose parameters
+    depend on :class:`MethodOptions` names those fields in ``takes``: ``params`` then gets them as keyword
+    arguments (``params(value, options, cache_interval=3)``), and the patch finds them in ``params``. ``patch(pipe, options, params)`` is a context manager that patches a pipeline (or a
     bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or the
     :class:`StepMix` that ``step_mix`` gives; ``describe(params)`` is an optional line about it in the bench's table.
     """
@@ -129,10 +152,13 @@ class Method:
     step_mix: Callable[[dict, TokenFusionConfig], StepMix | None] | None = None
     describe: Callable[[dict], str] | None = None
     in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
+    takes: tuple[str, ...] = ()  #: the fields of :class:`MethodOptions` that ``params`` takes
 
-    def parameters(self, value: float | None, options: TokenFusionConfig) -> dict:
-        """``{"method": name, ...}``: the name's parameters (see the class docstring)."""
-        return {"method": self.name, **self.params(value, options)}
+    def parameters(self, value: float | None, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
+        """``{"method": name, ...}``: the name's parameters (see the class docstring), under the run's ``options``
+        and ``more`` (:class:`MethodOptions`; None: the defaults)."""
+        more = MethodOptions() if more is None else more
+        return {"method": self.name, **self.params(value, options, **{key: getattr(more, key) for key in self.takes})}
 
     def mix(self, params: dict, options: TokenFusionConfig) -> StepMix | None:
         """The :class:`StepMix` of the name with ``params`` under ``options``, or None."""

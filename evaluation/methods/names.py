@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tofu_sd import TokenFusionConfig
 
 from ..errors import EvaluationError
-from .base import Method, format_ratio
+from .base import Method, MethodOptions, format_ratio
 from .registry import REGISTRY, get_method
 
 
@@ -23,8 +23,8 @@ class Name:
     def __str__(self) -> str:
         return variant_name(self.method.name, self.value)
 
-    def params(self, options: TokenFusionConfig) -> dict:
-        return self.method.parameters(self.value, options)
+    def params(self, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
+        return self.method.parameters(self.value, options, more)
 
 
 def variant_name(method: str, ratio: float | None) -> str:

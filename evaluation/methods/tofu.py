@@ -1,4 +1,10 @@
-"""Token Fusion (this project's plugin, :mod:`tofu_sd`) and ToMe (the ``tomesd`` package) as compared methods."""
+"""Token Fusion (this project's plugin, :mod:`tofu_sd`) and ToMe (the ``tomesd`` package) as compared methods.
+
+Both reduce the tokens before self-attention (``attn1``) of each patched block and restore them after it; their
+``+<module>`` variants reduce them before more of the block's sub-modules, each on its own input and restored
+after it: ``attn2`` (cross-attention) and ``ff`` (the feed-forward) for tofu (``tofu_sd.apply(modules=...)``),
+``merge_crossattn`` and ``merge_mlp`` for tomesd. Their parameters record the sub-modules (``modules``, in
+tofu_sd's names for both), so a run refuses to change them."""
 
 from __future__ import annotations
 
@@ -18,6 +24,17 @@ def merged_params(value: float | None, options: TokenFusionConfig) -> dict:
     merged away before self-attention."""
     ratio = options.ratio if value is None else value
     return {"ratio": ratio, "keys_removed": ratio}
+
+
+def modules_params(modules: tuple[str, ...]):
+    """The parameters of a ``+<module>`` variant: :func:`merged_params` and the sub-modules of each patched block
+    that see the reduced tokens (a list, as the manifest's JSON gives it back). ``keys_removed`` stays the ratio
+    (with ``reduce="kv"`` too): the fraction of self-attention's keys."""
+
+    def params(value: float | None, options: TokenFusionConfig) -> dict:
+        return {**merged_params(value, options), "modules": list(modules)}
+
+    return params
 
 
 #: The timesteps of the bench's two calls of a ``rematch_every`` schedule: the second is the next step (lower).
@@ -43,11 +60,15 @@ def rematch_mix(params: dict, options: TokenFusionConfig) -> StepMix | None:
 
 def tofu_patch(**overrides):
     """The patch of ``tofu_sd.apply`` with the run's options, the name's ratio and ``overrides`` (e.g.
-    ``matching="local"``, ``schedule="P"``) in place of the run's."""
+    ``matching="local"``, ``schedule="P"``) in place of the run's, and the parameters' ``modules`` if they have
+    them (``tofu+ff``: ``modules=("attn1", "ff")``)."""
 
     @contextlib.contextmanager
     def patch(pipe, options: TokenFusionConfig, params: dict):
-        tofu_sd.apply(pipe, **asdict(replace(options, ratio=params["ratio"], **overrides)))
+        kwargs = {**asdict(replace(options, ratio=params["ratio"])), **overrides}
+        if "modules" in params:
+            kwargs["modules"] = tuple(params["modules"])
+        tofu_sd.apply(pipe, **kwargs)
         try:
             yield
         finally:
@@ -62,17 +83,24 @@ def tome_max_downsample(pipe, options: TokenFusionConfig) -> int:
     return options.max_downsample * finest
 
 
+#: tomesd's ``apply_patch`` flag of each sub-module, in tofu_sd's names.
+TOME_FLAGS = {"attn1": "merge_attn", "attn2": "merge_crossattn", "ff": "merge_mlp"}
+
+
 @contextlib.contextmanager
 def tome_patch(pipe, options: TokenFusionConfig, params: dict):
     """tomesd's patch with the ratio, ``max_downsample``, ``sx``, ``sy`` and ``use_rand`` (ToMe has no schedule
-    and no seed), on the blocks that tofu_sd patches; removed with the ``_tome_info`` that tomesd leaves."""
+    and no seed), on the blocks that tofu_sd patches, merging before the parameters' ``modules`` (``attn1`` alone
+    without them: tomesd's default); removed with the ``_tome_info`` that tomesd leaves."""
     import tomesd
 
     unet = unwrap_unet(pipe)
     had_info = {id(m) for m in unet.modules() if "_tome_info" in m.__dict__}
+    modules = params.get("modules", ("attn1",))
     tomesd.apply_patch(
         pipe, ratio=params["ratio"], max_downsample=tome_max_downsample(pipe, options),
         sx=options.sx, sy=options.sy, use_rand=options.use_rand,
+        **{flag: module in modules for module, flag in TOME_FLAGS.items()},
     )  # fmt: skip
     try:
         yield
