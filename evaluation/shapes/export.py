@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path
+from ..weights import halve_components
 from .classifier import ShapeClassifier
 from .data import NUM_CLASSES
 
@@ -83,6 +84,7 @@ def export_model(trainer, out: Path) -> dict:
     )  # fmt: skip
     with atomic_path(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        halve_components(tmp, ("unet", "vae"))  # stored as float16, loaded as float32: see evaluation.weights
         classifier.eval().save(tmp)
         losses = {stage: torch.load(work / f"{stage}.ckpt", weights_only=False)["log"] for stage in ("vae", "unet", "classifier")}
         plot_losses(losses, tmp / "loss.png")

@@ -108,6 +108,8 @@ class Trainer:
                 continue
             start = time.perf_counter()
             getattr(self, f"stage_{stage}")()
+            if stage == "vae":
+                self._vae_as_shipped()
             self.state["seconds"][stage] = self.state["seconds"].get(stage, 0.0) + time.perf_counter() - start
             if stage not in self.state["done"]:
                 self.state["done"].append(stage)
@@ -120,12 +122,20 @@ class Trainer:
         elif stage == "vae":
             self.vae.load_state_dict(torch.load(self.work / "vae.ckpt", weights_only=False)["model"])
             self.vae.register_to_config(scaling_factor=self.state.get("scaling_factor", 1.0))
+            self._vae_as_shipped()
         elif stage == "latents":
             self.latents = torch.load(self.work / "latents.pt")
         elif stage == "unet":
             ckpt = torch.load(self.work / "unet.ckpt", weights_only=False)
             self._restore_ema(ckpt)
         # the classifier is read from its checkpoint at export
+
+    @torch.no_grad()
+    def _vae_as_shipped(self) -> None:
+        """Round the trained VAE's weights to float16 values, as the model folder stores them (evaluation.weights),
+        so that the latents, the U-Net and the classifier are made with the VAE that ships."""
+        for param in self.vae.parameters():
+            param.copy_(param.to(torch.float16).to(param.dtype))
 
     def _loop(self, stage: str, modules: dict, optimizer, steps: int, step_fn, lr: float, warmup: int, ema=None):
         """The shared training loop (:func:`.loop.train_loop`) in this run's work folder."""

@@ -29,7 +29,8 @@ of these works; pass `max_sequence_length=16` (`evaluation.shapes_sd3.CALL_KWARG
 
 **What it is:** a real `StableDiffusion3Pipeline` (`SD3Transformer2DModel`, two `CLIPTextModelWithProjection` +
 `CLIPTokenizer`, no T5, `AutoencoderKL`, `FlowMatchEulerDiscreteScheduler`), saved with `save_pretrained` as
-safetensors, {size_mb:.1f} MB in all. Patch size 1 on a 16x16 latent: **256 image tokens** in each of its {layers}
+safetensors, {size_mb:.1f} MB in all (transformer and VAE stored as float16, loaded as float32; the VAE's
+weights are a link to the `tiny` model's file, so the repository holds them once). Patch size 1 on a 16x16 latent: **256 image tokens** in each of its {layers}
 joint blocks. **What it is not:** a general image model. It knows the 48 prompts of the `shapes` prompt set,
 "A high-quality photograph of a {{colour}} {{shape}}." (8 colours x 6 shapes), as `--model tiny` does, and draws
 64x64 pictures of one shape on a plain or gradient background. Its timings say nothing about SD3's speed.

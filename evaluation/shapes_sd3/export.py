@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path
+from ..weights import halve_components, link_weights, same_weights
 from . import CALL_KWARGS, DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_BYTES, MODEL_DIR
 from . import components as C
 from .loop import CHECKPOINT
@@ -126,6 +127,17 @@ def measure_quality(folder: Path, per_class: int = 2, steps: int = DEFAULT_STEPS
     }  # fmt: skip
 
 
+def store_compactly(folder: Path, final: Path) -> None:
+    """Store the exported ``folder`` (to be moved to ``final``) as the repository ships it: the transformer and the
+    VAE as float16 (loaded as float32), and the VAE's weights, when they are the built-in ``tiny`` model's (the
+    trainer starts from that VAE and keeps it frozen), as a link to that model's file instead of a copy."""
+    from ..shapes import MODEL_DIR as SHAPES_DIR
+
+    halve_components(folder, ("transformer", "vae"))
+    if same_weights(folder / "vae", SHAPES_DIR / "vae"):
+        link_weights(folder / "vae", SHAPES_DIR / "vae", Path(final) / "vae")
+
+
 def export_model(work: Path, out: Path, quality: bool = False, per_class: int = 2) -> dict:
     """Write the checkpoint in ``work`` to ``out`` (replacing it): the pipeline, ``training.json``, ``loss.png``
     and the model card ``README.md`` (:mod:`.card`); with ``quality``, also the prompt accuracy (in both) and a
@@ -138,6 +150,7 @@ def export_model(work: Path, out: Path, quality: bool = False, per_class: int = 
     info = summary(trainer, ckpt)
     with atomic_path(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        store_compactly(tmp, out)
         plot_loss(ckpt["log"], tmp / "loss.png")
         if quality:
             info["quality"] = measure_quality(tmp, per_class=per_class, grid=tmp / "samples.png")
