@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
     ev.add_argument("--compare", default=None, metavar="A:B,...", help="also compare these pairs of methods in the paired test, e.g. of equal cost at different ratios: tofu-kv@0.75:tome@0.5 (methods are always compared within a ratio)")
-    ev.add_argument("--cost", default=None, metavar="BENCH.json", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it")
+    ev.add_argument("--cost", default=None, metavar="BENCH.json[,BENCH2.json]", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it. Several benches (comma-separated, e.g. one at 512 px and one at 1024 px) give their sizes side by side; they must have timed the same arch, batch and options")
     an = sub.add_parser("analyze", help="functional linearity (paper Eq. 8) per block; proposes a P/M schedule",
                         description="Every U-Net (or diffusion-transformer) call of the sampling is measured, with the same seeds as generate.")  # fmt: skip
     an.add_argument("--out", required=True, help="folder for fl.json and fl.png")

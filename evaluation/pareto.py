@@ -6,7 +6,8 @@ The cost is one of two:
   model these are fixed overheads (text encoder, VAE, scheduler, Python), not the speed-up of token reduction.
 - ``bench`` (``tofu-sd evaluate --cost BENCH.json``): the U-Net step time that ``tofu-sd bench`` measured for the
   run's method names, relative to ``full`` in the same bench run: the median over the bench's interleaved rounds
-  of (method's step time / full's step time in that round). One row of panels per image size of the bench.
+  of (method's step time / full's step time in that round). One row of panels per image size of the bench;
+  several benches (``--cost A.json,B.json``, e.g. one per size) give their sizes side by side.
 """
 
 from __future__ import annotations
@@ -136,45 +137,77 @@ def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str
     return problems
 
 
+#: What the benches merged by one ``--cost`` must share: they stand for one cost axis.
+_SHARED = ("arch", "device", "dtype", "batch", "ratio", "rematch_every", "cache_interval", "compiled")
+
+
+def read_benches(paths: str | Path | list) -> tuple[dict, dict[str, tuple[Path, str, str]]]:
+    """The bench JSONs of ``--cost`` (one path, or several as a list or comma-separated, e.g. a 512-px bench and a
+    1024-px one) merged into one, their sizes side by side, and per size the file it comes from with that bench's
+    date and the date's source (:func:`_bench_date`). EvaluationError if two give the same size or differ in what
+    they timed (arch, device, dtype, batch, ratio, step options)."""
+    if isinstance(paths, (str, Path)):
+        paths = [p for p in str(paths).split(",") if p.strip()]
+    paths = [Path(str(p).strip()) for p in paths]
+    benches = [read_bench(p) for p in paths]
+    merged, source = {**benches[0], "steps": {}}, {}
+    for path, bench in zip(paths, benches):
+        differ = [f"{k}: {bench.get(k)!r} in {path}, {merged.get(k)!r} in {paths[0]}" for k in _SHARED if bench.get(k) != merged.get(k)]
+        if differ:
+            raise EvaluationError("--cost: the benches differ in what they timed, so they cannot share a cost axis (" + "; ".join(differ) + ")")
+        for size, step in bench["steps"].items():
+            if size in merged["steps"]:
+                raise EvaluationError(f"--cost: {size} px is timed in both {source[size][0]} and {path}; give one bench per size")
+            merged["steps"][size], source[size] = step, (path, *_bench_date(bench, path))
+    return merged, source
+
+
 def bench_cost(
-    path: str | Path, methods: list[str], ratios: dict[str, float | None], step_options: dict[str, dict] | None = None
+    path: str | Path | list, methods: list[str], ratios: dict[str, float | None], step_options: dict[str, dict] | None = None
 ) -> dict:
-    """The cost of each run method from a bench JSON, checked before any metric is computed.
+    """The cost of each run method from one or more bench JSONs (:func:`read_benches`), checked before any metric
+    is computed.
 
     ``ratios`` maps each method name to the ratio it ran at in the run (for unsuffixed names, which must match the
     bench's ``ratio``); ``step_options`` to the step-dependent options it ran with, which must be the bench's
-    (``{"rematch_every": k}`` for ToFu's methods, ``{"cache_interval": n}`` for ``deepcache+`` names). Returns ``{"cost": <report.json's pareto.cost>, "points": {name: {BENCH_X: {size: x},
-    BENCH_SECONDS: {size: seconds}}}}``. EvaluationError naming every method the bench lacks and the bench
-    command that would time them all.
+    (``{"rematch_every": k}`` for ToFu's methods, ``{"cache_interval": n}`` for ``deepcache+`` names). Returns
+    ``{"cost": <report.json's pareto.cost>, "points": {name: {BENCH_X: {size: x}, BENCH_SECONDS: {size: seconds}}}}``;
+    the cost's ``dates`` and ``files`` say per size which bench it is. EvaluationError naming every method the
+    bench lacks and the bench command that would time them all.
     """
-    path = Path(path)
-    bench = read_bench(path)
+    bench, source = read_benches(path)
     sizes = list(bench["steps"])
     problems = _missing(bench, methods, ratios) + _step_options_differ(bench, methods, step_options or {})
     if problems:
-        variants = ",".join(dict.fromkeys(["full", *methods]))
-        unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
-        ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
-        steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
-                 if value is not None and value != {"rematch_every": 1, "cache_interval": 3}[key]}  # fmt: skip
-        command = (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(sizes)} --variants {variants}"
-                   f"{ratio}{''.join(sorted(steps))} --json {path}")  # fmt: skip
         raise EvaluationError(
             f"--cost {path} has no step time for some of this run's methods as they ran:\n" + "\n".join(problems)
-            + f"\nTime them all in one bench (ratios are paired within a bench run): {command}"
+            + f"\nTime them all in one bench (ratios are paired within a bench run): {_bench_command(bench, methods, ratios, step_options, source)}"
         )
     points = {
         name: {BENCH_X: {s: step_vs_full(bench["steps"][s], name) for s in sizes},
                BENCH_SECONDS: {s: float(bench["steps"][s]["variants"][name]["median_s"]) for s in sizes}}
         for name in methods
     }  # fmt: skip
-    date, date_source = _bench_date(bench, path)
+    joined = lambda i: ", ".join(dict.fromkeys(str(source[s][i]) for s in sizes))  # noqa: E731
     cost = {
-        "kind": "bench", "file": str(path), "arch": bench.get("arch"), "sizes": [int(s) for s in sizes],
-        "device": bench.get("device"), "dtype": bench.get("dtype"), "machine": bench.get("machine"),
-        "batch": bench.get("batch"), "compiled": bench.get("compiled"), "date": date, "date_source": date_source,
+        "kind": "bench", "file": joined(0), "files": {s: str(source[s][0]) for s in sizes}, "arch": bench.get("arch"),
+        "sizes": [int(s) for s in sizes], "device": bench.get("device"), "dtype": bench.get("dtype"),
+        "machine": bench.get("machine"), "batch": bench.get("batch"), "compiled": bench.get("compiled"),
+        "date": joined(1), "dates": {s: source[s][1] for s in sizes}, "date_source": joined(2),
     }  # fmt: skip
     return {"cost": cost, "points": points}
+
+
+def _bench_command(bench: dict, methods: list[str], ratios: dict, step_options: dict | None, source: dict) -> str:
+    """The ``tofu-sd bench`` command that would time every method of the run as it ran."""
+    variants = ",".join(dict.fromkeys(["full", *methods]))
+    unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
+    ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
+    steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
+             if value is not None and value != {"rematch_every": 1, "cache_interval": 3}[key]}  # fmt: skip
+    out = ",".join(dict.fromkeys(str(path) for path, _, _ in source.values()))
+    return (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(bench['steps'])} --variants {variants}"
+            f"{ratio}{''.join(sorted(steps))} --json {out}")  # fmt: skip
 
 
 # --- the data and the figure -------------------------------------------------------------------------------------
@@ -188,7 +221,7 @@ def _rows(cost: dict | None, model: str | None) -> tuple[list[dict], str]:
     c = cost["cost"]
     rows = [
         {"x": BENCH_X, "size": str(size), "title": f"{c['arch']} U-Net step, {size} px, {c['device']} {c['dtype']}, "
-                                                   f"bench of {c['date']}",
+                                                   f"bench of {c.get('dates', {}).get(str(size), c['date'])}",
          "xlabel": f"step time relative to full ({size} px, lower is faster)"}
         for size in c["sizes"]
     ]  # fmt: skip

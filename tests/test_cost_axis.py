@@ -87,7 +87,8 @@ def test_bench_json_drives_the_x_values(tmp_path):
     assert pareto["cost"] == {
         "kind": "bench", "file": str(path), "arch": "sd15", "sizes": [512, 1024], "device": "cuda",
         "dtype": "float16", "machine": "Test GPU", "batch": 2, "compiled": False, "date": "2026-12-01 10:00 UTC",
-        "date_source": "bench",
+        "date_source": "bench", "files": {"512": str(path), "1024": str(path)},
+        "dates": {"512": "2026-12-01 10:00 UTC", "1024": "2026-12-01 10:00 UTC"},
     }  # fmt: skip
     points = {p["name"]: p for series in pareto["series"].values() for p in series}
     for size, expected in EXPECTED_X.items():
@@ -122,6 +123,32 @@ def test_without_cost_x_is_seconds_per_image_and_the_caption_says_it_is_overhead
     assert {line.get_label(): list(line.get_xdata()) for line in ms_ssim.lines}["tofu"] == [1.8, 1.5]
     # A model that is not built in: seconds per image are the run's own, and nothing claims they are overhead.
     assert "overhead" not in pareto_data(small_report("some/sd-model"))["caption"]
+
+
+def _one_size(size, date):
+    bench = bench_json()
+    bench["steps"] = {size: bench["steps"][size]}
+    bench["date"] = date
+    return bench
+
+
+def test_benches_of_two_sizes_share_one_cost_axis(tmp_path):
+    a = write_bench(tmp_path, _one_size("512", "2026-12-01 10:00 UTC"), "a.json")
+    b = write_bench(tmp_path, _one_size("1024", "2026-12-02 11:00 UTC"), "b.json")
+    cost = bench_cost(f"{a},{b}", RUN, {m: None for m in RUN})
+    pareto = pareto_data(small_report(), cost)
+    points = {p["name"]: p for series in pareto["series"].values() for p in series}
+    for size, expected in EXPECTED_X.items():  # the same x as one bench of both sizes
+        assert {name: p["step_vs_full"][size] for name, p in points.items()} == pytest.approx(expected, rel=1e-12)
+    assert cost["cost"]["files"] == {"512": str(a), "1024": str(b)} and cost["cost"]["file"] == f"{a}, {b}"
+    assert [r["title"].endswith(d) for r, d in zip(pareto["rows"], ("10:00 UTC", "11:00 UTC"))] == [True, True]
+    with pytest.raises(EvaluationError, match="1024 px is timed in both"):
+        bench_cost([a, b, b], RUN, {m: None for m in RUN})
+    other = _one_size("1024", "x")
+    other["batch"] = 1
+    c = write_bench(tmp_path, other, "c.json")
+    with pytest.raises(EvaluationError, match="batch: 1 in .*c.json, 2 in .*a.json"):
+        bench_cost(f"{a},{c}", RUN, {m: None for m in RUN})
 
 
 def test_date_falls_back_to_the_file_time(tmp_path):
