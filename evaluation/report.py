@@ -62,6 +62,24 @@ def _table(methods: dict, ref: dict) -> list[str]:
     return lines
 
 
+def _is_dit(config: dict) -> bool:
+    """Whether the run's model is a diffusion transformer (its pipeline class is not a U-Net pipeline's)."""
+    return any(n in str(config.get("model_class") or "") for n in ("StableDiffusion3", "Flux", "PixArt"))
+
+
+def _default_schedule(config: dict) -> str:
+    if _is_dit(config):
+        return "default (P in the first third of the patched blocks, M after)"
+    return "default (P down, M up)"
+
+
+def _where(config: dict, reduction: dict) -> str:
+    """Which blocks were patched: a DiT's ``blocks`` (all when unset), a U-Net's ``max_downsample``."""
+    if _is_dit(config):
+        return f"blocks {reduction.get('blocks') or 'all'}"
+    return f"max_downsample {reduction.get('max_downsample')}"
+
+
 def _notes(config: dict, methods: dict) -> list[str]:
     """What the options were and what the columns mean."""
     reduction = config.get("reduction") or {}
@@ -72,8 +90,8 @@ def _notes(config: dict, methods: dict) -> list[str]:
     )  # fmt: skip
     lines = [
         "",
-        f"Token reduction: ratio {ratio}, schedule {reduction.get('schedule') or 'default (P down, M up)'}, "
-        f"max_downsample {reduction.get('max_downsample')}, cells {reduction.get('sx')}x{reduction.get('sy')}, "
+        f"Token reduction: ratio {ratio}, schedule {reduction.get('schedule') or _default_schedule(config)}, "
+        f"{_where(config, reduction)}, cells {reduction.get('sx')}x{reduction.get('sy')}, "
         f"random destinations {reduction.get('use_rand')}.",
         f"Memory is {config.get('peak_mem_kind')}. MS-SSIM used {config.get('ms_ssim_scales')} of 5 scales. "
         "LPIPS and MS-SSIM: mean ± standard deviation over pairs. Prompt accuracy: fraction of a method's images "

@@ -234,3 +234,16 @@ def test_shipped_tiny_sd3_generates_with_tofu(tmp_path, monkeypatch):
     for method in ("full", "tofu"):
         with Image.open(out / method / "0000_0.png") as image:
             assert image.size == (64, 64)
+
+
+def test_report_notes_name_the_defaults_of_the_backbone():
+    from evaluation.report import _notes
+
+    reduction = {"ratio": 0.5, "schedule": None, "max_downsample": 1, "blocks": None, "sx": 2, "sy": 2, "use_rand": True}
+    dit = " ".join(_notes({"model_class": "StableDiffusion3Pipeline", "reduction": reduction}, {}))
+    unet = " ".join(_notes({"model_class": "StableDiffusionPipeline", "reduction": reduction}, {}))
+    assert "P in the first third of the patched blocks, M after" in dit and "blocks all" in dit
+    assert "P down" not in dit and "max_downsample" not in dit
+    assert "default (P down, M up)" in unet and "max_downsample 1" in unet and "blocks" not in unet
+    chosen = " ".join(_notes({"model_class": "FluxPipeline", "reduction": {**reduction, "blocks": "0-3", "schedule": "PM"}}, {}))
+    assert "schedule PM" in chosen and "blocks 0-3" in chosen
