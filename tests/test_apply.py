@@ -252,7 +252,16 @@ def test_lora_loaded_unet():
     assert torch.equal(run(unet), with_lora)
 
 
-@pytest.mark.parametrize("options", [{}, {"matching": "local", "local_window": 5}], ids=["global", "local"])
+COMPILED = {  # every kind of hook: tokens / kv, global / local matching, each module
+    "global": {},
+    "local": {"matching": "local", "local_window": 5},
+    "kv-local": {"reduce": "kv", "matching": "local", "ratio": 0.75},  # the kv hook is the same for global matching
+    "modules-all": {"modules": "attn1,attn2,ff", "schedule": "PAMAP"},
+    "attn2+ff-kv-local": {"modules": ("attn2", "ff"), "reduce": "kv", "matching": "local", "schedule": "PAMAP"},
+}
+
+
+@pytest.mark.parametrize("options", COMPILED.values(), ids=COMPILED.keys())
 def test_torch_compile_without_graph_breaks(options):
     unet = tiny_unet("sd15")
     tofu_sd.apply(unet, **options)

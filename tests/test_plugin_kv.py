@@ -270,23 +270,6 @@ def test_backward_reaches_keys_and_values():
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (block.name, part)
 
 
-def test_torch_compile_without_graph_breaks():
-    """Local matching with every source merged (the kv hook is the same for global matching, which test_apply
-    compiles with reduce="tokens")."""
-    unet = tofu_sd.apply(tiny_unet("sd15"), reduce="kv", matching="local", ratio=0.75)
-    eager = run(unet)
-    inputs = tiny_unet_inputs(unet)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(unet)(**inputs)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(unet, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).sample, eager, rtol=1e-4, atol=1e-5)
-    tofu_sd.remove(compiled)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).sample, run(tiny_unet("sd15")), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("value", ["keys", "KV", None, ("kv",)])
 def test_bad_reduce_is_refused(value):
     with pytest.raises(ValueError, match=r"reduce must be 'tokens' .* or 'kv'"):

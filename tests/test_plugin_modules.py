@@ -304,25 +304,6 @@ def test_sequence_chunked_feed_forward_runs_unreduced():
     assert torch.equal(chunked, run(unet))
 
 
-@pytest.mark.parametrize(
-    "options", [{"modules": "attn1,attn2,ff"}, {"modules": ("attn2", "ff"), "reduce": "kv", "matching": "local"}],
-    ids=["all", "attn2+ff-local"],
-)
-def test_torch_compile_without_graph_breaks(options):
-    unet = tofu_sd.apply(tiny_unet("sd15"), schedule="PAMAP", **options)
-    eager = run(unet)
-    inputs = tiny_unet_inputs(unet)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(unet)(**inputs)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(unet, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).sample, eager, rtol=1e-4, atol=1e-5)
-    tofu_sd.remove(compiled)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).sample, run(tiny_unet("sd15")), rtol=1e-4, atol=1e-5)
-
-
 def test_compiled_transformers_reduce_as_eager():
     """A Transformer2DModel compiled on its own: torch runs its hooks (the feature map's) outside its graph."""
     eager = tofu_sd.apply(tiny_unet("sd15"), modules="attn1,ff", rematch_every=2)
