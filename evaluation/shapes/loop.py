@@ -52,6 +52,21 @@ def _resume(path: Path, modules: dict, optimizer, ema) -> tuple[int, list]:
     return ckpt["step"], ckpt["log"]
 
 
+def optimizer_step(loss, optimizer, params: list, ema, what: str, step: int) -> float:
+    """One training step from ``loss``: backward, gradients clipped to norm 1, the optimizer's step and the EMA's
+    (if any). Returns the loss; SystemExit (``what`` leading its message) if it is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if ema is not None:
+        ema.step(params)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise SystemExit(f"{what}loss became {value} at step {step}; lower the learning rate")
+    return value
+
+
 def train_loop(
     work: Path, stage: str, modules: dict, optimizer, steps: int, step_fn, lr: float, warmup: int, ema=None,
     checkpoint_every: int = 100, make_bar=None,
@@ -79,16 +94,7 @@ def train_loop(
     for step in range(start, steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup)
-        loss = step_fn(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:
-            ema.step(params)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise SystemExit(f"{stage}: loss became {value} at step {step}; lower the learning rate")
+        value = optimizer_step(step_fn(step), optimizer, params, ema, f"{stage}: ", step)
         log.append((step, value))
         running = value if running is None else 0.98 * running + 0.02 * value
         bar.update(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..shapes.loop import lr_factor, save_atomic, write_loss_log
+from ..shapes.loop import lr_factor, optimizer_step, save_atomic, write_loss_log
 
 CHECKPOINT = "transformer.ckpt"
 LOSS_CSV = "loss.csv"
@@ -94,16 +94,7 @@ def train_loop(
                 factor = lr_factor(step, steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            loss = step_fn(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if ema is not None:
-                ema.step(params)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise SystemExit(f"loss became {value} at step {step}; lower the learning rate")
+            value = optimizer_step(step_fn(step), optimizer, params, ema, "", step)
             log.append((step, value))
             csv.write(f"{step},{value:.6f}\n")
             csv.flush()
