@@ -96,6 +96,29 @@ def run(model, inputs):
         return model(**inputs).sample
 
 
+def compiled_like_eager(model, inputs, **options):
+    """Apply ``options`` to ``model`` and check that the patched model compiles with no graph break (fullgraph) and
+    gives its eager output; returns the compiled model and the eager output."""
+    tofu_sd.apply(model, **options)
+    eager = run(model, inputs)
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(run(compiled, inputs), eager, rtol=1e-4, atol=1e-5)
+    return compiled, eager
+
+
+def check_ratio_zero_then_compiled(model, inputs):
+    """Ratio 0 is a no-op; ratio 0.5 changes the output and compiles (:func:`compiled_like_eager`). Returns the
+    compiled model and the unpatched output."""
+    full = run(model, inputs)
+    tofu_sd.apply(model, ratio=0)
+    assert torch.equal(run(model, inputs), full)
+    compiled, eager = compiled_like_eager(model, inputs, ratio=0.5)
+    assert not torch.allclose(eager, full, atol=1e-6)
+    return compiled, full
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Recording what reaches modules.
 

@@ -7,6 +7,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 from test_dit_common import (
     assert_unpatched,
     capturing_matchings,
+    check_ratio_zero_then_compiled,
     destinations,
     flux_inputs,
     grid_ids,
@@ -189,16 +190,7 @@ def test_cfg_batch_shares_one_partition_and_rematch_every():
 def test_ratio_zero_remove_and_compile():
     model = tiny_flux()
     inputs = flux_inputs(model, h=6, w=4)
-    full = run(model, inputs)
-    tofu_sd.apply(model, ratio=0)
-    assert torch.equal(run(model, inputs), full)
-    tofu_sd.apply(model, ratio=0.5)
-    eager = run(model, inputs)
-    assert not torch.allclose(eager, full, atol=1e-6)
-    explanation = torch._dynamo.explain(model)(**inputs)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(run(compiled, inputs), eager, rtol=1e-4, atol=1e-5)
+    compiled, full = check_ratio_zero_then_compiled(model, inputs)
     # The same 24 tokens on a 4 x 6 grid: read anew, and the graph guards on it.
     other = dict(inputs, img_ids=grid_ids(4, 6))
     torch.testing.assert_close(run(compiled, other), run(model, other), rtol=1e-4, atol=1e-5)

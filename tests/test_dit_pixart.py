@@ -6,6 +6,7 @@ import torch
 from test_dit_common import (
     assert_unpatched,
     capturing_matchings,
+    check_ratio_zero_then_compiled,
     pixart_inputs,
     recording,
     run,
@@ -72,16 +73,7 @@ def test_kv_keeps_every_query_and_reduces_keys_and_values():
 def test_ratio_zero_remove_and_compile():
     model = tiny_pixart(num_layers=2)
     inputs = pixart_inputs(model, height=10, width=14)
-    full = run(model, inputs)
-    tofu_sd.apply(model, ratio=0)
-    assert torch.equal(run(model, inputs), full)
-    tofu_sd.apply(model, ratio=0.5)
-    eager = run(model, inputs)
-    assert not torch.allclose(eager, full, atol=1e-6)
-    explanation = torch._dynamo.explain(model)(**inputs)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(run(compiled, inputs), eager, rtol=1e-4, atol=1e-5)
+    compiled, full = check_ratio_zero_then_compiled(model, inputs)
     tofu_sd.remove(compiled)
     assert_unpatched(model)
     assert torch.equal(run(model, inputs), full)
