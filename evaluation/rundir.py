@@ -215,7 +215,8 @@ class RunDir:
 
     @classmethod
     def open(cls, config, device, dtype, stack: contextlib.ExitStack, log) -> RunDir:
-        """Check this call's options against the run's and hold the directory; writes nothing but the lock."""
+        """Check this call's options against the run's and hold the directory; writes nothing but the lock (and
+        a directory it made is removed again if the call fails before writing anything else)."""
         from .adopt import adopt
 
         path = Path(config.out)
@@ -224,8 +225,11 @@ class RunDir:
         if load_manifest(path) is None and any(p.name != LOCK for p in _entries(path)):
             if not (config.adopt and run_images(path)):  # a lost manifest (say how to keep the images), or not a run
                 raise EvaluationError(missing_manifest_message(path, "generate"))
+        new_lock, new_folder = not (path / LOCK).exists(), not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         stack.enter_context(locked(path))
+        if new_lock:  # a call refused before it wrote anything leaves no trace; only the lock's holder cleans up
+            stack.push(lambda error, *_: _remove_unused(path, new_folder) if error is not None else None)
         asked = image_config(config, device, dtype)
         manifest = load_manifest(path)  # again, now that no other call can be writing it
         if manifest is None and config.adopt and run_images(path):
@@ -335,6 +339,17 @@ class RunDir:
 def run_images_of(run_dir: Path, method: str) -> bool:
     """Whether the method's folder holds a PNG."""
     return next((Path(run_dir) / method).glob("*.png"), None) is not None
+
+
+def _remove_unused(path: Path, folder: bool) -> None:
+    """If run directory ``path`` holds nothing but the lock, remove the lock and, with ``folder``, the directory
+    (called by the lock's holder, which made them, when it fails; a call that opens the lock meanwhile finds it
+    held and is refused, one that comes after makes a new one)."""
+    if all(p.name == LOCK for p in _entries(path)):
+        (path / LOCK).unlink(missing_ok=True)
+        if folder:
+            with contextlib.suppress(OSError):  # another call may have started writing there meanwhile
+                path.rmdir()
 
 
 def _entries(path: Path) -> list[Path]:

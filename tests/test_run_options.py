@@ -63,7 +63,10 @@ def test_the_size_is_checked_against_the_pipelines_own_rule(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "--height must be a positive multiple of 16 (StableDiffusionPipeline needs multiples of 8; its VAE scale " \
            "factor is 16), got 56; e.g. 48" in err
-    assert not (out / "manifest.json").exists() and not list(out.glob("*/*"))  # nothing bound
+    assert not out.exists()  # refused after the model loaded: the run directory this call made is gone, lock too
+    out.mkdir()
+    assert main([*BASE, "--height", "56", "--out", str(out)]) == 2
+    assert out.is_dir() and not list(out.iterdir())  # a directory that was there before is kept, as it was
     monkeypatch.undo()
     assert main([*BASE, "--height", "56", "--out", str(out)]) == 0
 
