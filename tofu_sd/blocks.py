@@ -19,7 +19,9 @@ class TransformerBlockSite:
 
     name: str  #: qualified module name, e.g. ``down_blocks.0.attentions.1.transformer_blocks.0``
     block: BasicTransformerBlock
-    transformer: torch.nn.Module  #: the ``Transformer2DModel`` that holds it and sees the 2-D feature map
+    #: the ``Transformer2DModel`` (``TransformerSpatioTemporalModel`` in Stable Video Diffusion's U-Net) that holds
+    #: it and sees the 2-D feature map
+    transformer: torch.nn.Module
     downsample: int  #: resolution factor relative to the U-Net input (1, 2, 4, ...)
     on_down_path: bool  #: in ``down_blocks`` (as opposed to the mid or up blocks)
 
@@ -36,7 +38,13 @@ def unwrap_unet(obj: object) -> torch.nn.Module:
 
 
 def transformer_block_sites(unet: torch.nn.Module) -> list[TransformerBlockSite]:
-    """Every ``BasicTransformerBlock`` in the U-Net's down, mid and up blocks, in forward order."""
+    """Every ``BasicTransformerBlock`` in the ``attentions`` of the U-Net's down, mid and up blocks, in forward order.
+
+    These are the spatial blocks: their tokens are the pixels of a feature map. The temporal blocks of the video
+    U-Nets, which attend over frames, are elsewhere and are not collected: AnimateDiff's motion modules
+    (``motion_modules`` of a ``UNetMotionModel``'s blocks) and SVD's ``temporal_transformer_blocks`` (beside
+    ``transformer_blocks`` in a ``TransformerSpatioTemporalModel``).
+    """
     sites: list[TransformerBlockSite] = []
     level = 0
 
