@@ -2,13 +2,16 @@
 
 - The bench's full-size U-Nets (random weights: speed does not depend on weight values, so nothing is
   downloaded): :data:`SD15`, :data:`SDXL` and :data:`SD15_LEVEL`, SD 1.5's highest-resolution level alone.
+- The bench's diffusion transformers, SD3 medium and FLUX.1-dev, whole and as slices of a few blocks, and tiny
+  ones of each family (:mod:`evaluation.dit_archs`, :data:`DIT_ARCHS`).
 - The random-weight tiny models of the tests and of ``--model tiny-random``
   (:mod:`evaluation.tiny_random`): U-Nets shaped like SD 1.5, SD 2 and SDXL (:data:`TINY_RANDOM_UNETS`), and
   the VAE and text encoder of its pipeline.
 - The built-in trained model of ``--model tiny`` (:mod:`evaluation.shapes`): :data:`SHAPES_UNET`,
   :data:`SHAPES_VAE`, :data:`SHAPES_TEXT`, from which its training starts.
 
-:func:`step_inputs` makes the inputs of one U-Net call for any of these U-Nets.
+:func:`step_inputs` makes the inputs of one U-Net call for any of these U-Nets (:func:`dit_step_inputs`, those of
+a transformer call); :func:`at_timestep` sets another timestep in either.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
+from . import dit_archs
+from .dit_archs import DIT_ARCHS, DiTArch  # noqa: F401 - the transformers' archs, next to the U-Nets'
+from .dit_archs import step_inputs as dit_step_inputs  # noqa: F401
 from .shapes.data import SIZE as SHAPES_IMAGE_SIZE
 
 # ---------------------------------------------------------------- full size (the bench)
@@ -180,3 +186,11 @@ def step_inputs(
             "time_ids": move(time_ids),
         }
     return inputs
+
+
+def at_timestep(inputs: dict, timestep: int) -> dict:
+    """One step's inputs (of :func:`step_inputs`, or of :func:`dit_step_inputs`) at another ``timestep`` on the
+    schedulers' 0-1000 scale, given as each model takes it."""
+    if "sample" in inputs:  # a U-Net's
+        return {**inputs, "timestep": torch.tensor(timestep, device=inputs["sample"].device)}
+    return dit_archs.at_timestep(inputs, timestep)

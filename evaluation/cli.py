@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .bench import VARIANTS
+from .bench import ARCH_ALIASES, ARCHS, VARIANTS
 from prompts import PROMPT_SETS, class_names
 
 from .errors import EvaluationError
@@ -132,21 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(an, AnalyzeConfig)
     _add_reduction_options(an, measured=True)
     bench = sub.add_parser("bench", help="time one denoising step per method (generate's names), and an oracle")
-    bench.add_argument("--arch", default="sd15", type=lambda a: {"tiny": "tiny-random"}.get(a, a), choices=("sd15", "sdxl", "sd15-level", "tiny-random"), help="U-Net architecture, random weights; sd15-level: SD 1.5's highest-resolution level alone; tiny-random: the tests' tiny SD-1.5 shape (also accepted as its earlier name, tiny)")
-    bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8)")
+    bench.add_argument(
+        "--arch", default="sd15", type=lambda a: ARCH_ALIASES.get(a, a), choices=ARCHS,
+        help="the model, random weights from the real config. U-Nets: sd15, sdxl; sd15-level: SD 1.5's "
+        "highest-resolution level alone; tiny-random: the tests' tiny SD-1.5 shape (also accepted as its earlier "
+        "name, tiny). Diffusion transformers: sd3-medium (SD3Transformer2DModel, 2.0B parameters, 24 joint blocks); "
+        "sd3-medium-slice: the same with 2 joint blocks (its last one as SD3's last, text stream without "
+        "feed-forward), as every block is alike and patched, so ratios between variants and memory above full's "
+        "are the whole model's; flux-dev (FluxTransformer2DModel, 11.9B parameters, 19 double + 38 single-stream "
+        "blocks: 48 GB of fp32 weights, for a GPU with --dtype bf16); flux-dev-slice: 1 double- and 1 "
+        "single-stream block, each kind once, with the schedule letters the whole model gives them (P, M); "
+        "tiny-sd3-random, tiny-flux-random: test-sized transformers for a smoke run. See evaluation/dit_archs.py",
+    )  # fmt: skip
+    bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8; Flux and SD3: multiples of 16)")
     bench.add_argument(
         "--variants", default=None,
         help=f"comma-separated method names as for generate, from {','.join(VARIANTS)}, or <method>@<ratio> "
         "(tofu@0.3, todo@0.75, deepcache@3) (default: all but the +<module> variants of tofu and tome and the "
-        "deepcache+<tofu> ones; catome and deepcache only where their packages are installed)",
+        "deepcache+<tofu> ones; catome and deepcache only where their packages are installed; on a diffusion "
+        "transformer, those that run on it: full, the tofu variants that tofu_sd.apply accepts there, oracle)",
     )  # fmt: skip
     bench.add_argument("--ratio", type=float, default=0.5, help="ratio of the names without @<ratio> (0.5)")
     bench.add_argument("--reps", type=int, default=5, help="interleaved timed rounds (5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (1)")
-    bench.add_argument("--batch", type=int, default=2, help="batch size (2, as with classifier-free guidance)")
+    bench.add_argument("--batch", type=int, default=None, help="batch size (default: 2 for the U-Nets and SD3, as with classifier-free guidance; 1 for Flux, guidance-distilled)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the model")
     bench.add_argument("--overhead-tokens", default="4096,16384,65536", help="N for the per-block overhead ('' to skip)")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--no-ops", dest="ops", action="store_false", help="skip counting ops per patched block")

@@ -2,8 +2,8 @@
 ``tiny-sd3``, a diffusion transformer); what each model needs in its calls; which methods a pipeline can run.
 
 A pipeline is either a U-Net Stable Diffusion (SD 1.x, 2.x, SDXL), on which every method runs, or a diffusion
-transformer that :mod:`tofu_sd.dit` supports (SD3 / SD3.5, PixArt, Flux), on which only Token Fusion through
-``tofu_sd.apply`` runs (:func:`check_methods`).
+transformer that :mod:`tofu_sd.dit` supports (SD3 / SD3.5, PixArt, Flux), on which Token Fusion through
+``tofu_sd.apply`` and the oracle run, and not the other packages' methods (:func:`check_methods`).
 """
 
 from __future__ import annotations
@@ -208,42 +208,40 @@ def default_size(pipe) -> int:
 # Which methods a pipeline can run
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Why each method family that is not Token Fusion runs on U-Nets only (by the base name before ``@`` and ``+``).
-UNET_ONLY = {
-    "tome": "the tomesd package patches a U-Net's BasicTransformerBlocks",
-    "todo": "this project's ToDo patches the self-attention of a U-Net's BasicTransformerBlocks",
-    "catome": "the ca-tome package patches a U-Net's BasicTransformerBlocks",
-    "oracle": "it replaces the self-attention of a U-Net's BasicTransformerBlocks",
-    "deepcache": "DeepCache caches the deep blocks of a U-Net between its skip connections",
-}
+def unet_only_reasons(methods) -> list[tuple[str, str]]:
+    """``(name, why)`` for each of ``methods`` that runs on U-Nets only (the registry's ``Method.unet_only``)."""
+    from .methods import parse_name
+
+    return [(m, why) for m in methods if (why := parse_name(m).method.unet_only) is not None]
 
 
-def _unet_only_reason(method: str) -> str | None:
-    from .methods import split_name
+def transformer_methods() -> list[str]:
+    """The registry's methods that run on diffusion transformers too (where ``tofu_sd.apply`` accepts them)."""
+    from .methods import REGISTRY
 
-    base = split_name(method)[0]
-    for family, why in UNET_ONLY.items():
-        if base == family or base.startswith((family + "+", family + "-")):
-            return why
-    return None
+    return [name for name, method in REGISTRY.items() if method.runs_on_transformers]
 
 
-def refuse_unet_only(methods, model: str) -> None:
-    """EvaluationError if a method of ``methods`` runs only on U-Nets (tome, todo, catome, oracle, deepcache...),
-    for a diffusion-transformer ``model``, named here as it is in the message."""
-    refused = [(m, why) for m in methods if (why := _unet_only_reason(m)) is not None]
+def refuse_unet_only(methods, model: str, option: str = "--model", works=None) -> None:
+    """EvaluationError if a method of ``methods`` runs only on U-Nets (tome, todo, catome, deepcache...), for a
+    diffusion-transformer ``model``, named as ``<option> <model>`` in the message. It lists ``works`` as what to
+    give instead (default: the registry's methods that run on transformers, where tofu_sd.apply accepts them)."""
+    refused = unet_only_reasons(methods)
     if refused:
         lines = "; ".join(f"{m}: {why}" for m, why in refused)
+        instead = ", ".join(works) if works is not None else (
+            f"{', '.join(transformer_methods())}, where tofu_sd.apply accepts their options (it refuses reduce='kv' "
+            "on SD3 and Flux, and the +<module> variants on every transformer)"
+        )  # fmt: skip
         raise EvaluationError(
-            f"--model {model} is a diffusion transformer, and {', '.join(m for m, _ in refused)} "
-            f"run{'s' if len(refused) == 1 else ''} on U-Nets only ({lines}). On diffusion transformers give full "
-            "and the tofu methods that tofu_sd.apply supports there (tofu, tofu-P, tofu-A, tofu-M, tofu-local)"
+            f"{option} {model} is a diffusion transformer, and {', '.join(m for m, _ in refused)} "
+            f"run{'s' if len(refused) == 1 else ''} on U-Nets only ({lines}). On diffusion transformers give {instead}"
         )
 
 
 def check_methods(pipe, model: str, methods, options, more=None) -> None:
     """EvaluationError, before anything is generated, if ``pipe`` cannot run one of ``methods``: on a diffusion
-    transformer the U-Net-only methods (:func:`refuse_unet_only`), and each tofu method that ``tofu_sd.apply``
+    transformer the U-Net-only methods (:func:`refuse_unet_only`), and each method that its patch (``tofu_sd.apply``)
     refuses there (``tofu-kv`` on SD3 and Flux, the ``+ff`` / ``+attn2`` variants), found by applying and
     removing it (``apply`` checks everything before it touches the model). On a U-Net: ``--blocks``, which only
     diffusion transformers take."""

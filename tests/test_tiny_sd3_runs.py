@@ -34,8 +34,8 @@ TINY_TRANSFORMER = dict(
 )  # fmt: skip
 TINY_TEXT_2 = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                    max_position_embeddings=16, projection_dim=16)  # fmt: skip
-UNET_ONLY = ("tome", "tome+mlp", "todo", "catome", "oracle", "deepcache", "deepcache@4", "deepcache+tofu")
-DIT_METHODS = ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local"]
+UNET_ONLY = ("tome", "tome+mlp", "todo", "catome", "deepcache", "deepcache@4", "deepcache+tofu")
+DIT_METHODS = ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local", "oracle"]
 
 
 def tiny_sd3_pipeline(seed: int = 0, transformer: dict | None = None):

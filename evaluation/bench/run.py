@@ -1,4 +1,4 @@
-"""``tofu-sd bench``: builds the U-Net and runs each measurement (:func:`run_bench`)."""
+"""``tofu-sd bench``: builds the model (a U-Net or a diffusion transformer) and runs each measurement (:func:`run_bench`)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,19 @@ import platform
 from datetime import datetime, timezone
 
 import torch
-from diffusers import UNet2DConditionModel
 
-from ..archs import BENCH_ARCHS, CLIP_TOKENS, build_unet as build_from_config, step_inputs
+from ..archs import DIT_ARCHS
 from ..methods.base import DEFAULT_CACHE_INTERVAL, MethodOptions
 from ..models import resolve_device, resolve_dtype
+from .archs import (
+    build_model, check_fits, check_sizes, default_batch, inputs_of, is_transformer, resolve_arch,
+    token_channels, transformer_variants_checked,
+)  # fmt: skip
 from .machinery import block_overhead
 from .steps import step_ratios, time_steps
+from .targets import TARGETS, dit_targets
 from .tiny_calls import call_memory, ops_per_block
 from .variants import bench_options, default_variants, parse_variants
-
-ARCH_ALIASES = {"tiny": "tiny-random"}  #: the earlier name of ``tiny-random`` (random weights, not ``--model tiny``)
-
-
-def build_unet(arch: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
-    """``sd15`` / ``sdxl``: the real architectures with random weights; ``sd15-level``: SD 1.5's highest-resolution
-    level alone; ``tiny-random``: the test-sized SD 1.5 shape (:mod:`evaluation.archs`)."""
-    unet = build_from_config(BENCH_ARCHS[ARCH_ALIASES.get(arch, arch)], seed=0)
-    unet = unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
-    return unet.eval().requires_grad_(False)
 
 
 def machine() -> str:
@@ -35,39 +29,54 @@ def machine() -> str:
 
 def run_bench(
     arch: str = "sd15", latents: tuple[int, ...] = (64, 128), variants: tuple[str, ...] | None = None, ratio: float = 0.5,
-    reps: int = 5, warmup: int = 1, batch: int = 2, device: str = "auto", dtype: str = "auto",
+    reps: int = 5, warmup: int = 1, batch: int | None = None, device: str = "auto", dtype: str = "auto",
     compile_: bool = False, overhead_tokens: tuple[int, ...] = (4096, 16384, 65536), overhead_reps: int = 10,
     ops: bool = True, call_memory_latent: int = 0, rematch_every: int = 1,
     cache_interval: int = DEFAULT_CACHE_INTERVAL, log=print,
 ) -> dict:  # fmt: skip
     """Run the benchmark and return its results (what ``tofu-sd bench`` prints and writes as JSON).
 
-    ``rematch_every`` is ToFu's for every tofu variant; ``cache_interval`` DeepCache's in the ``deepcache+<tofu>``
-    variants (``deepcache@N`` has its own)."""
-    arch = ARCH_ALIASES.get(arch, arch)
-    if arch not in BENCH_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(BENCH_ARCHS)}")
+    ``batch`` None is the arch's default (:func:`~.archs.default_batch`). ``rematch_every`` is ToFu's for every
+    tofu variant; ``cache_interval`` DeepCache's in the ``deepcache+<tofu>`` variants (``deepcache@N`` has its
+    own). On a diffusion transformer the variants default to those of the default set that run on it; every
+    variant and size is checked before the model is built, and each size also gets :func:`~.targets.dit_targets`."""
+    arch = resolve_arch(arch)
     options = bench_options(rematch_every)
     more = MethodOptions(cache_interval=cache_interval)
-    names = parse_variants(default_variants() if variants is None else variants, ratio, options, more)
+    transformer = is_transformer(arch)
+    if transformer:
+        names = transformer_variants_checked(arch, None if variants is None else list(variants), ratio, options, more)
+        check_sizes(arch, latents)
+    else:
+        names = parse_variants(default_variants() if variants is None else variants, ratio, options, more)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    unet = build_unet(arch, dev, dt)
+    if transformer:
+        check_fits(arch, dev, dt)
+    batch = default_batch(arch) if batch is None else batch
+    model = build_model(arch, dev, dt)
     out = {
         "machine": machine(), "device": dev.type, "dtype": str(dt).removeprefix("torch."), "arch": arch,
         "batch": batch, "ratio": ratio, "rematch_every": rematch_every,
         "cache_interval": cache_interval, "reps": reps, "compiled": compile_, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}, "block_overhead": {},
     }  # fmt: skip
+    if transformer:
+        out["transformer"] = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+                              "text_tokens": DIT_ARCHS[arch].text_tokens, "config": dict(DIT_ARCHS[arch].config)}  # fmt: skip
+        out["targets"] = dict(TARGETS)
     if ops:
         log("counting ops per patched block (tiny U-Net, eager) ...")
         out["ops_per_block"] = ops_per_block(ratio=ratio)
     for latent in latents:
         log(f"timing {arch} step, batch {batch}, latent {latent}x{latent} ({latent * 8}px), {reps} rounds ...")
-        inputs = step_inputs(unet, batch, latent, text_tokens=CLIP_TOKENS, device=dev, dtype=dt)
-        results, kind = time_steps(unet, inputs, names, ratio, reps, warmup, dev, compile_, options, more)
-        out["steps"][str(latent * 8)] = {"variants": results, "ratios": step_ratios(results, ratio), "peak_mem_kind": kind}
-    channels = unet.config.block_out_channels[0 if arch != "sdxl" else 1]
+        inputs = inputs_of(arch, model, batch, latent, dev, dt)
+        results, kind = time_steps(model, inputs, names, ratio, reps, warmup, dev, compile_, options, more)
+        data = {"variants": results, "ratios": step_ratios(results, ratio), "peak_mem_kind": kind}
+        if transformer:
+            data["targets"] = dit_targets(results, ratio)
+        out["steps"][str(latent * 8)] = data
+    channels = token_channels(arch, model)
     for tokens in overhead_tokens:
         log(f"timing the reduction machinery per block call at N={tokens} ...")
         block_reps = overhead_reps if tokens <= 16384 else max(2, overhead_reps // 5)

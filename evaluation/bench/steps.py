@@ -11,6 +11,7 @@ import torch
 
 from tofu_sd import TokenFusionConfig
 
+from ..archs import at_timestep
 from ..memory import PeakMemory
 from ..methods.base import MethodOptions
 from .profiling import peak_alloc_bytes
@@ -25,6 +26,14 @@ def unet_step(model, inputs: dict):
     """One U-Net call; the latents go positionally, where tomesd's size hook looks for them."""
     rest = {k: v for k, v in inputs.items() if k != "sample"}
     return model(inputs["sample"], **rest)
+
+
+def model_step(model, inputs: dict):
+    """One call of a U-Net (:func:`unet_step`: its inputs have a ``sample``) or of a transformer, as its pipeline
+    calls it (keyword arguments, no output dataclass)."""
+    if "sample" in inputs:
+        return unet_step(model, inputs)
+    return model(**inputs, return_dict=False)
 
 
 def sync(device: torch.device) -> None:
@@ -49,7 +58,7 @@ class StepTimes:
         }
 
 
-def peak_step_bytes(unet, fn, device: torch.device) -> tuple[int, str]:
+def peak_step_bytes(model, fn, device: torch.device) -> tuple[int, str]:
     """Peak memory of ``fn()``: CUDA's peak allocated; on the CPU the peak of live tensors (weights included).
 
     On the CPU the peak comes from the profiler's allocation trace (each op's net allocation, frees in time
@@ -59,16 +68,17 @@ def peak_step_bytes(unet, fn, device: torch.device) -> tuple[int, str]:
         with PeakMemory(device).measure() as peak:
             fn()
         return peak.bytes, "cuda_peak_allocated"
-    weights = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return weights + peak_alloc_bytes(fn), "peak_live_tensors"
 
 
 @torch.no_grad()
 def time_steps(
-    unet, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool,
+    model, inputs: dict, variants: list[str], ratio: float, reps: int, warmup: int, device, compile_: bool,
     options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None,
 ):  # fmt: skip
-    """Per variant: peak memory of one step, then ``reps`` timed steps in interleaved rounds.
+    """Per variant: peak memory of one step of ``model`` (a U-Net or a transformer, on ``inputs``), then ``reps``
+    timed steps in interleaved rounds.
 
     A variant with a :class:`~evaluation.methods.base.StepMix` (CA-ToMe, or ToFu with ``rematch_every > 1``: they
     match at some steps and reuse the matchings at the rest; DeepCache: it computes the deep blocks at some
@@ -79,28 +89,28 @@ def time_steps(
     :class:`~evaluation.methods.base.MethodOptions`.
     """
     kind = ""
-    model = torch.compile(unet) if compile_ else unet
+    called = torch.compile(model) if compile_ else model
     times = {v: StepTimes() for v in variants}
     mixes = {v: variant_mix(v, ratio, options, more) for v in variants}
     for variant in variants:
-        with variant_applied(unet, variant, ratio, options, more):
+        with variant_applied(model, variant, ratio, options, more):
             for _ in range(warmup):
-                unet_step(model, inputs)
-            times[variant].peak_mem_bytes, kind = peak_step_bytes(unet, lambda: unet_step(model, inputs), device)
+                model_step(called, inputs)
+            times[variant].peak_mem_bytes, kind = peak_step_bytes(model, lambda: model_step(called, inputs), device)
 
     def timed(timestep: int | None = None) -> float:
-        call_inputs = inputs if timestep is None else {**inputs, "timestep": torch.tensor(timestep, device=device)}
+        call_inputs = inputs if timestep is None else at_timestep(inputs, timestep)
         sync(device)
         t0 = time.perf_counter()
-        unet_step(model, call_inputs)
+        model_step(called, call_inputs)
         sync(device)
         return time.perf_counter() - t0
 
     for _ in range(reps):
         for variant in variants:
-            with variant_applied(unet, variant, ratio, options, more):
+            with variant_applied(model, variant, ratio, options, more):
                 if compile_:
-                    unet_step(model, inputs)  # the patch changed: let the compiler retrace outside the timing
+                    model_step(called, inputs)  # the patch changed: let the compiler retrace outside the timing
                 mix, t = mixes[variant], times[variant]
                 if mix is None:
                     t.seconds.append(timed())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..files import write_json_atomic
 from ..methods.names import parse_name
 from .steps import reducer_keys
+from .targets import format_targets
 from .variants import variant_params
 
 
@@ -21,7 +22,8 @@ def _notes(result: dict, variants: dict) -> list[str]:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['arch']} U-Net step on {result['machine']} ({result['device']}, {result['dtype']}, "
+    model = "U-Net" if "transformer" not in result else f"{result['transformer']['class']} ({result['transformer']['params']:,} parameters)"
+    lines = [f"{result['arch']} {model} step on {result['machine']} ({result['device']}, {result['dtype']}, "
              f"batch {result['batch']}, ratio {result['ratio']}, compiled={result['compiled']})"]  # fmt: skip
     for size, data in result["steps"].items():
         full = data["variants"].get("full", {}).get("median_s")
@@ -34,6 +36,8 @@ def format_table(result: dict) -> str:
         keys = reducer_keys(data["variants"], result["ratio"])
         if keys:
             lines.append("  " + ", ".join(f"{k} = {data['ratios'][k]:.3f}" for k in keys))
+        if data.get("targets"):
+            lines += format_targets(data["targets"])
     if result.get("ops_per_block"):
         lines += ["", "ops added per patched block (tiny U-Net call, eager, top-level aten ops without views):"]
         lines.append("  " + ", ".join(f"{k} {v['per_block']:.1f}" for k, v in result["ops_per_block"].items()))

@@ -6,7 +6,8 @@
 - :mod:`.names`: the ``<method>@<value>`` names and ``--ratios`` sweeps.
 - :mod:`.applied`: a name's parameters and its patch (:func:`method_params`, :func:`method_applied`).
 - One module per method family: :mod:`.tofu` (Token Fusion and ToMe), :mod:`.todo` (the ToDo peer),
-  :mod:`.catome` (the CA-ToMe adapter), :mod:`.deepcache` (the DeepCache adapter), :mod:`.oracle`.
+  :mod:`.catome` (the CA-ToMe adapter), :mod:`.deepcache` (the DeepCache adapter), :mod:`.oracle` (and
+  :mod:`.oracle_dit`, on diffusion transformers).
 """
 
 from .applied import method_applied, method_params

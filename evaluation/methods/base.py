@@ -139,6 +139,9 @@ class Method:
     arguments (``params(value, options, cache_interval=3)``), and the patch finds them in ``params``. ``patch(pipe, options, params)`` is a context manager that patches a pipeline (or a
     bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or the
     :class:`StepMix` that ``step_mix`` gives; ``describe(params)`` is an optional line about it in the bench's table.
+    ``unet_only`` says why the method runs on U-Nets only; None: on diffusion transformers too, where its patch
+    accepts the model (``tofu_sd.apply`` refuses some of its options on some transformers: ``reduce="kv"`` on SD3
+    and Flux, ``modules`` on every one), so ``generate`` and ``bench`` refuse the others there, before any work.
     """
 
     name: str
@@ -153,6 +156,11 @@ class Method:
     describe: Callable[[dict], str] | None = None
     in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
     takes: tuple[str, ...] = ()  #: the fields of :class:`MethodOptions` that ``params`` takes
+    unet_only: str | None = None  #: why it runs on U-Nets only (None: on diffusion transformers too)
+
+    @property
+    def runs_on_transformers(self) -> bool:
+        return self.unet_only is None
 
     def parameters(self, value: float | None, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
         """``{"method": name, ...}``: the name's parameters (see the class docstring), under the run's ``options``

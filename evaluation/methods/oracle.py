@@ -3,7 +3,9 @@
 In the blocks that tofu_sd patches, self-attention runs on every ``stride``-th token (a fixed strided subset,
 ``stride = round(1 / (1 - ratio))``: 2 at ratio 0.5, 4 at 0.75) and each kept token's output is copied to the
 ``stride - 1`` tokens after it: no similarity, no matching, no gather by index. It is what the bench compares
-the reductions' machinery with; its images are not meant to be good.
+the reductions' machinery with; its images are not meant to be good. On a diffusion transformer the same is
+done to the image tokens of the attentions that Token Fusion reduces around, next to all the text tokens
+(:mod:`.oracle_dit`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import torch
 from diffusers.hooks import ModelHook
 
-from tofu_sd import TokenFusionConfig
+from tofu_sd import TokenFusionConfig, dit
 from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
 from tofu_sd.hooks import register, unregister_all
 
@@ -59,13 +61,20 @@ def oracle_params(value: float | None, options: TokenFusionConfig) -> dict:
 
 @contextlib.contextmanager
 def oracle_patch(pipe, options: TokenFusionConfig, params: dict):
-    """The oracle on ``attn1`` of the blocks that tofu_sd patches with ``options.max_downsample``; removed
-    through :func:`tofu_sd.hooks.unregister_all`, so the U-Net is left exactly as before (no hook registry, no
-    instance ``forward``)."""
-    unet = unwrap_unet(pipe)
+    """The oracle on a U-Net's ``attn1`` of the blocks that tofu_sd patches with ``options.max_downsample``, or on
+    a diffusion transformer's image attention in the blocks that tofu_sd patches with ``options.blocks``
+    (:func:`.oracle_dit.register_oracle`); removed through :func:`tofu_sd.hooks.unregister_all`, so the model is
+    left exactly as before (no hook registry, no instance ``forward``)."""
+    from .oracle_dit import register_oracle  # it builds on this module's functions
+
+    transformer = dit.handles(pipe)
+    model = dit.unwrap_transformer(pipe) if transformer else unwrap_unet(pipe)
     try:
-        for site in select_sites(transformer_block_sites(unet), options.max_downsample):
-            register(site.block.attn1, OracleHook(params["ratio"]), ORACLE_HOOK)
+        if transformer:
+            register_oracle(model, options, params["ratio"])
+        else:
+            for site in select_sites(transformer_block_sites(model), options.max_downsample):
+                register(site.block.attn1, OracleHook(params["ratio"]), ORACLE_HOOK)
         yield
     finally:
-        unregister_all(unet, (ORACLE_HOOK,))
+        unregister_all(model, (ORACLE_HOOK,))

@@ -3,7 +3,8 @@ each, in the order the bench lists them.
 
 Adding a method is adding one entry here: its name, a one-line summary, its patch (a context manager that
 applies it and restores the model), its parameters (what the manifest records) and, where they differ from the
-defaults, the kind of value after ``@`` in its names, a package it needs, and how the bench times its step.
+defaults, the kind of value after ``@`` in its names, a package it needs, how the bench times its step, and why
+it runs on U-Nets only if it does (``unet_only``: ``generate`` and ``bench`` refuse it on diffusion transformers).
 The names built on them (``tofu@0.5``) are :mod:`.names`.
 """
 
@@ -17,6 +18,11 @@ from .base import Method, NoParameter, Parameter, Requirement
 from .tofu import merged_params, modules_params, rematch_mix, tofu_patch, tome_patch
 
 DEEPCACHE = Requirement("DeepCache", "DeepCache", deepcache.DEEPCACHE_INSTALL)
+#: Why the methods of other packages, and this project's ToDo, run on U-Nets only (:attr:`Method.unet_only`).
+TOMESD_UNET = "the tomesd package patches a U-Net's BasicTransformerBlocks"
+TODO_UNET = "this project's ToDo patches the self-attention of a U-Net's BasicTransformerBlocks"
+CATOME_UNET = "the ca-tome package patches a U-Net's BasicTransformerBlocks"
+DEEPCACHE_UNET = "DeepCache caches the deep blocks of a U-Net between its skip connections"
 
 
 @contextlib.contextmanager
@@ -32,7 +38,7 @@ def _tofu(name: str, summary: str, modules: tuple[str, ...] | None = None, **ove
 
 
 def _tome(name: str, summary: str, modules: tuple[str, ...]) -> Method:
-    return Method(name, summary, tome_patch, modules_params(modules), in_bench_default=False)
+    return Method(name, summary, tome_patch, modules_params(modules), in_bench_default=False, unet_only=TOMESD_UNET)
 
 
 def _deepcache_around(variant: Method) -> Method:
@@ -41,7 +47,7 @@ def _deepcache_around(variant: Method) -> Method:
     return Method(
         f"deepcache+{variant.name}", f"{variant.name} with DeepCache around it, at --cache-interval (3)",
         deepcache.around(variant.patch), deepcache.with_interval(variant.params), requires=DEEPCACHE,
-        step_mix=deepcache.combined_mix, in_bench_default=False, takes=("cache_interval",),
+        step_mix=deepcache.combined_mix, in_bench_default=False, takes=("cache_interval",), unet_only=DEEPCACHE_UNET,
     )  # fmt: skip
 
 
@@ -53,7 +59,8 @@ TOFU_FF = _tofu("tofu+ff", 'tofu with the feed-forward on the reduced tokens too
 ENTRIES = (
     Method("full", "the unpatched model, the reference", _unpatched, lambda value, options: {"keys_removed": 0.0},
            parameter=NoParameter("it reduces nothing")),  # fmt: skip
-    Method("tome", "ToMe, the tomesd package, on the blocks that tofu patches", tome_patch, merged_params),
+    Method("tome", "ToMe, the tomesd package, on the blocks that tofu patches", tome_patch, merged_params,
+           unet_only=TOMESD_UNET),  # fmt: skip
     TOFU,
     _tofu("tofu-P", "tofu with pruned merging (P) in every block", schedule="P"),
     _tofu("tofu-A", "tofu with average merging (A) in every block", schedule="A"),
@@ -71,15 +78,16 @@ ENTRIES = (
     _tome("tome+ca+mlp", "tome merging before cross-attention and the feed-forward too (merge_crossattn, merge_mlp)",
           ("attn1", "attn2", "ff")),  # fmt: skip
     Method("todo", "ToDo, keys and values pooled (this project's re-implementation)", todo.todo_patch,
-           todo.todo_params, parameter=todo.POOLING, describe=todo.describe),  # fmt: skip
+           todo.todo_params, parameter=todo.POOLING, describe=todo.describe, unet_only=TODO_UNET),  # fmt: skip
     Method("catome", "CA-ToMe, the ca-tome package: a similarity threshold, matchings cached across steps",
            catome.catome_patch, catome.catome_params, parameter=NoParameter("its own parameter is a similarity threshold"),
-           requires=Requirement("ca_tome", "ca-tome", catome.CATOME_INSTALL), step_mix=catome.step_mix),  # fmt: skip
-    Method("oracle", "self-attention on a fixed strided subset, outputs copied: a bound with no matching",
+           requires=Requirement("ca_tome", "ca-tome", catome.CATOME_INSTALL), step_mix=catome.step_mix,
+           unet_only=CATOME_UNET),  # fmt: skip
+    Method("oracle", "attention on a fixed strided subset of the image tokens, outputs copied: a bound with no matching",
            oracle.oracle_patch, oracle.oracle_params, parameter=Parameter()),  # fmt: skip
     Method("deepcache", "DeepCache, the DeepCache package: the deep blocks computed once every N steps (deepcache@N; 3)",
            deepcache.deepcache_patch, deepcache.deepcache_params, parameter=deepcache.CACHE_INTERVAL,
-           requires=DEEPCACHE, step_mix=deepcache.deepcache_mix),  # fmt: skip
+           requires=DEEPCACHE, step_mix=deepcache.deepcache_mix, unet_only=DEEPCACHE_UNET),  # fmt: skip
     _deepcache_around(TOFU),
     _deepcache_around(TOFU_KV),
     _deepcache_around(TOFU_FF),

@@ -1,0 +1,134 @@
+"""The oracle on diffusion transformers (SD3 / SD3.5, PixArt, Flux): in exactly the blocks that ``tofu_sd.apply``
+patches, the attention sees every ``stride``-th image token (:func:`~.oracle.oracle_keep`) next to all the text
+tokens, and each kept image token's output is copied to the ``stride - 1`` image tokens after it
+(:func:`~.oracle.oracle_spread`); text outputs pass as they are. No similarity, no matching.
+
+The attentions are those Token Fusion reduces around (:class:`tofu_sd.dit.DiTSite`): an attention whose
+``hidden_states`` are the image stream (SD3's joint ``attn`` and SD3.5's ``attn2``, PixArt's ``attn1``, Flux's
+double-stream ``attn``), and a Flux single-stream block's ``attn``, which sees ``[text, image]``: there the
+block's hook records the text length, and only the image part is subset. Flux's rotary table ``(T + N, D)``
+(text positions, then image positions) is subset alike, text rows then every ``stride``-th image row: the
+subset is the same for every batch element, so the processor rotates the kept tokens at their own positions
+with the one table it takes. A call with an attention mask is left alone (a mask is laid out for every token).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import ModelHook
+
+from tofu_sd import TokenFusionConfig, dit
+from tofu_sd.hooks import _argument, _with_arguments, register
+
+from .oracle import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
+
+
+def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[dit.DiTSite]:
+    """The blocks that ``tofu_sd.apply`` patches on ``model`` with ``options.blocks`` (every block by default);
+    ValueError, as ``apply``'s, for ``max_downsample`` (a U-Net's option) or blocks out of range."""
+    arch = next(arch for cls, arch in dit.ARCHITECTURES.items() if isinstance(model, cls))
+    if options.max_downsample != 1:
+        raise ValueError(
+            f"max_downsample={options.max_downsample} only means something for U-Nets; a {arch.name} transformer "
+            "has one token grid: choose its blocks with `blocks` instead."
+        )
+    return dit.select_sites(arch.sites(model), options)
+
+
+def keep_rotary(emb: tuple[torch.Tensor, ...], text_len: int, stride: int) -> tuple[torch.Tensor, ...]:
+    """A ``[text, image]`` rotary table (each of its tensors ``(T + N, D)``) for the kept tokens: the text rows,
+    then every ``stride``-th image row."""
+    return tuple(torch.cat([table[:text_len], table[text_len:][::stride]]) for table in emb)
+
+
+class TextLength:
+    """The text length of the single-stream block call in progress (its ``encoder_hidden_states``' tokens)."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+
+class TextLengthHook(ModelHook):
+    """On a Flux single-stream block: records the text tokens that it puts in front of the image tokens."""
+
+    def __init__(self, text: TextLength) -> None:
+        super().__init__()
+        self.text = text
+
+    def pre_forward(self, module, *args, **kwargs):
+        text = _argument(args, kwargs, 1, "encoder_hidden_states")
+        self.text.value = None if text is None else text.shape[1]
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.text.value = None
+        return output
+
+
+class ImageOracleHook(ModelHook):
+    """On an attention whose ``hidden_states`` are the image tokens: it sees every ``stride``-th of them (with the
+    text, as ``encoder_hidden_states``, untouched); the image output (the first, or only, output) is spread back."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride, self.n = stride, None
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = _argument(args, kwargs, 0, "hidden_states")
+        self.n = None
+        if x is None or _argument(args, kwargs, 2, "attention_mask") is not None:
+            return args, kwargs
+        self.n = x.shape[1]
+        values = {0: ("hidden_states", oracle_keep(x, self.stride))}
+        emb = _argument(args, kwargs, 3, "image_rotary_emb")
+        if emb is not None:
+            text = _argument(args, kwargs, 1, "encoder_hidden_states")
+            values[3] = ("image_rotary_emb", keep_rotary(emb, 0 if text is None else text.shape[1], self.stride))
+        return _with_arguments(args, kwargs, values)
+
+    def post_forward(self, module, output):
+        if self.n is None:
+            return output
+        if isinstance(output, tuple):
+            return (oracle_spread(output[0], self.stride, self.n), *output[1:])
+        return oracle_spread(output, self.stride, self.n)
+
+
+class SingleStreamOracleHook(ModelHook):
+    """On a Flux single-stream block's ``attn``, whose ``hidden_states`` are ``[text, image]``: it sees the text
+    and every ``stride``-th image token; the image part of its output is spread back, the text part kept."""
+
+    def __init__(self, stride: int, text: TextLength) -> None:
+        super().__init__()
+        self.stride, self.text, self.n = stride, text, None
+
+    def pre_forward(self, module, *args, **kwargs):
+        x, t = _argument(args, kwargs, 0, "hidden_states"), self.text.value
+        self.n = None
+        if x is None or t is None or _argument(args, kwargs, 2, "attention_mask") is not None:
+            return args, kwargs
+        self.n = x.shape[1] - t
+        values = {0: ("hidden_states", torch.cat([x[:, :t], oracle_keep(x[:, t:], self.stride)], dim=1))}
+        emb = _argument(args, kwargs, 3, "image_rotary_emb")
+        if emb is not None:
+            values[3] = ("image_rotary_emb", keep_rotary(emb, t, self.stride))
+        return _with_arguments(args, kwargs, values)
+
+    def post_forward(self, module, output):
+        if self.n is None:
+            return output
+        t = self.text.value
+        return torch.cat([output[:, :t], oracle_spread(output[:, t:], self.stride, self.n)], dim=1)
+
+
+def register_oracle(model: torch.nn.Module, options: TokenFusionConfig, ratio: float) -> None:
+    """Register the oracle's hooks (named :data:`~.oracle.ORACLE_HOOK`) on the attentions of :func:`oracle_sites`."""
+    stride = oracle_stride(ratio)
+    for site in oracle_sites(model, options):
+        if site.single_stream:
+            text = TextLength()
+            register(site.block, TextLengthHook(text), ORACLE_HOOK)
+            register(site.block.attn, SingleStreamOracleHook(stride, text), ORACLE_HOOK)
+            continue
+        for part in site.attentions:
+            register(getattr(site.block, part), ImageOracleHook(stride), ORACLE_HOOK)
