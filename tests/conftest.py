@@ -71,3 +71,23 @@ def empty_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     return tmp_path / "torch_home"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny matrices are fastest on one; torchrun's processes run with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def matches(monkeypatch):
+    """Every matching the hooks compute, in call order (a spy on ``tofu_sd.hooks.match``)."""
+    from tofu_sd import hooks
+
+    seen = []
+    real_match = hooks.match
+    monkeypatch.setattr(hooks, "match", lambda *a, **kw: seen.append(real_match(*a, **kw)) or seen[-1])
+    return seen

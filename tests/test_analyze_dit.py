@@ -47,12 +47,7 @@ from evaluation.linearity_plot import short_name
 from tofu_sd import TokenFusionConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 def _take(x, pos):

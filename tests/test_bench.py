@@ -204,17 +204,13 @@ def test_profiling_prints_nothing():
 
 
 @pytest.mark.parametrize("k", [2, 5])
-def test_rematch_every_is_timed_as_a_matching_step_and_a_reusing_step(monkeypatch, k):
+def test_rematch_every_is_timed_as_a_matching_step_and_a_reusing_step(matches, k):
     """With ``--rematch-every k`` the bench times, per round, a fresh application's matching call and a call at a
     lower timestep that reuses the stored matchings (it matches nothing: counted), weighed 1/k and (k-1)/k; with
     k = 1 a variant is one call, which matches."""
-    import tofu_sd.hooks as hooks
     from evaluation.bench.steps import time_steps
     from evaluation.bench.variants import bench_options
 
-    matched = []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda *a, **kw: matched.append(1) or real_match(*a, **kw))
     unet = tiny_unet("sd15")
     inputs = tiny_unet_inputs(unet, height=8, width=8)
     blocks = len(tofu_sd.apply(unet, 0.5) and tofu_sd.patched_blocks(unet))
@@ -223,15 +219,15 @@ def test_rematch_every_is_timed_as_a_matching_step_and_a_reusing_step(monkeypatc
                               compile_=False, options=bench_options(k))  # fmt: skip
     stats = summaries["tofu-kv@0.5"]
     # 1 memory call, then per round: a matching call (every block matches) and a reusing one (none does)
-    assert len(matched) == blocks * (1 + 2)
+    assert len(matches) == blocks * (1 + 2)
     assert stats["rematch_every"] == k and len(stats["match_s"]) == len(stats["reuse_s"]) == 2
     for mean, first, rest in zip(stats["seconds"], stats["match_s"], stats["reuse_s"]):
         assert mean == pytest.approx(first / k + rest * (k - 1) / k)
     assert f"rematch_every={k}" in stats["step_mix"]
-    matched.clear()
+    matches.clear()
     summaries, _ = time_steps(unet, inputs, ["tofu-kv@0.5"], 0.5, reps=2, warmup=0, device=torch.device("cpu"),
                               compile_=False, options=bench_options(1))  # fmt: skip
-    assert len(matched) == blocks * (1 + 2) and "match_s" not in summaries["tofu-kv@0.5"]
+    assert len(matches) == blocks * (1 + 2) and "match_s" not in summaries["tofu-kv@0.5"]
 
 
 def test_bench_rematch_every_option_reaches_the_json(tmp_path):

@@ -75,15 +75,6 @@ def manifest(out) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-@pytest.fixture
-def one_thread():
-    """torchrun runs each process with one thread; the one-process runs compared with them do too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     """The reference: the same images made by one process with one thread."""

@@ -206,16 +206,12 @@ def test_the_bench_times_an_uncached_and_a_cached_step(interval):
     assert f"DeepCache interval {interval}: per-step mean of 1 uncached step" in stats["step_mix"]
 
 
-def test_the_bench_times_a_whole_period_with_rematch_every(monkeypatch):
+def test_the_bench_times_a_whole_period_with_rematch_every(matches):
     """deepcache+tofu with N = 3 and rematch_every = 2: six calls per round at falling timesteps. The deep blocks
     run at steps 0 and 3; ToFu's blocks match at step 0 (all), at the cached matching steps 2 and 4 (the one
     patched block of the shallow branch) and at step 3 (the deep ones, whose matchings step 2 dropped)."""
-    import tofu_sd.hooks as hooks
     from evaluation.bench.variants import bench_options
 
-    matched = []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda *a, **kw: matched.append(1) or real_match(*a, **kw))
     unet = tiny_unet("sd15")
     inputs = tiny_unet_inputs(unet, height=8, width=8)
     blocks = len(tofu_sd.apply(unet, 0.5) and tofu_sd.patched_blocks(unet))
@@ -229,7 +225,7 @@ def test_the_bench_times_a_whole_period_with_rematch_every(monkeypatch):
     assert calls.timesteps == [500] + [500, 480, 460, 440, 420, 400]
     assert calls.deep == [True] + [True, False, False, True, False, False]
     shallow = 1  # up_blocks.2.attentions.2, the tiny U-Net's last transformer
-    assert len(matched) == blocks + (blocks + shallow + (blocks - shallow) + shallow)
+    assert len(matches) == blocks + (blocks + shallow + (blocks - shallow) + shallow)
     stats = summaries["deepcache+tofu"]
     assert (stats["cache_interval"], stats["rematch_every"], stats["period"]) == (3, 2, 6)
     phases = [key[:-2] for key in stats if key.startswith("step") and key[4].isdigit()]

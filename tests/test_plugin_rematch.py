@@ -32,15 +32,6 @@ def call(unet, inputs, cfg):
         return torch.cat([unet(**half).sample for half in halves])
 
 
-@pytest.fixture
-def matches(monkeypatch):
-    """Every matching the hooks compute, in call order (a spy on ``hooks.match``)."""
-    seen = []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda x, plan: seen.append(real_match(x, plan)) or seen[-1])
-    return seen
-
-
 def denoise(unet, steps, cfg, matches, timesteps=None):
     """Outputs of each step and the matchings computed at each step."""
     outputs, computed = [], []

@@ -76,12 +76,7 @@ def no_tiny_sd3(tmp_path, monkeypatch):
     monkeypatch.setenv(models.TINY_SD3_DIR_ENV, str(tmp_path / "missing"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 def _images(folder):
