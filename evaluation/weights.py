@@ -1,8 +1,8 @@
 """How the built-in models' weights are stored: half-precision safetensors, and one VAE shared by both models.
 
 Both models compute in float32 (their loaders ask for it); only the files are float16, which halves what the
-repository ships. Rounding every weight to float16 moved the `tiny` model's 64x64 images by 0.1/255 per pixel on
-average (90.6% of the pixels unchanged; measured on 16 images, 2026-12-01).
+repository ships. Storing the `tiny` model's U-Net and VAE this way moved its 64x64 `full` images by 0.08/255 per
+pixel on average (MS-SSIM 0.9998, 92.6% of the pixels unchanged; 480 same-seed images, 2026-12-01).
 """
 
 from __future__ import annotations
