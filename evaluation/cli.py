@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-ops", dest="ops", action="store_false", help="skip counting ops per patched block")
     bench.add_argument("--call-memory", type=int, default=0, metavar="LATENT", help="also the peak memory of a tiny-random U-Net call at this latent size (0: skip)")
     bench.add_argument("--rematch-every", type=int, default=1, metavar="K", help="ToFu's variants reuse each block's matching for K steps: each round times a matching step and a reusing step and weighs them 1/K, (K-1)/K (deepcache+<tofu>: a whole period of lcm(N, K) steps, call by call; 1: one step, always matching)")
+    bench.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="U-Nets: the levels every method patches, as generate's --max-downsample (1: the highest resolution only; 2: also the next)")
     _add_cache_interval(bench)
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny-random U-Net (for CI)")
@@ -181,6 +182,7 @@ def _bench(args: argparse.Namespace) -> int:
             ratio=args.ratio, reps=args.reps, warmup=args.warmup, batch=args.batch, device=args.device,
             dtype=args.dtype, compile_=args.compile, overhead_tokens=ints(args.overhead_tokens), ops=args.ops,
             call_memory_latent=args.call_memory, rematch_every=args.rematch_every, cache_interval=args.cache_interval,
+            max_downsample=args.max_downsample,
         )  # fmt: skip
     except ValueError as error:
         raise EvaluationError(f"bad --sizes or --overhead-tokens: {error}") from error

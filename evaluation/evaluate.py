@@ -131,14 +131,18 @@ def _run_ratios(manifest: dict, methods: list[str]) -> dict[str, float | None]:
 
 
 def _step_options(manifest: dict, methods: list[str]) -> dict[str, dict]:
-    """The options each method ran with that change its step time from step to step: the run's ``rematch_every``
-    for ToFu's methods, a ``deepcache+`` name's ``cache_interval`` (a ``deepcache@N`` name holds its own)."""
-    rematch = (manifest.get("config", {}).get("reduction") or {}).get("rematch_every", 1)
+    """The options each method ran with that set its step time besides its name: the run's ``rematch_every`` for
+    ToFu's methods, a ``deepcache+`` name's ``cache_interval`` (a ``deepcache@N`` name holds its own), and the
+    run's ``max_downsample`` for every method that patches a U-Net's levels (all but ``full`` and ``deepcache``)."""
+    reduction = manifest.get("config", {}).get("reduction") or {}
+    rematch, levels = reduction.get("rematch_every", 1), reduction.get("max_downsample", 1)
     out = {}
     for m in methods:
         params = (manifest["methods"].get(m) or {}).get("params") or {}
         family = m.partition("@")[0]
         own = {"rematch_every": rematch} if "tofu" in family else {}
+        if family not in ("full", "deepcache"):
+            own["max_downsample"] = levels
         if family.startswith("deepcache+"):
             own["cache_interval"] = params.get("cache_interval")
         out[m] = own

@@ -78,6 +78,7 @@ def read_bench(path: str | Path) -> dict:
         for name, timing in variants.items():
             if not isinstance(timing, dict) or "median_s" not in timing or not timing.get("seconds"):
                 raise EvaluationError(f"--cost {path}: steps[{size!r}].variants[{name!r}] lacks median_s or seconds")
+    bench.setdefault("max_downsample", 1)  # benches before --max-downsample timed the highest resolution only
     return bench
 
 
@@ -125,12 +126,18 @@ def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -
     return problems
 
 
+#: The bench's options that set a variant's step time besides its name, with their defaults (a bench written
+#: before ``--max-downsample`` existed timed its default, 1: :func:`read_bench` fills it in).
+_STEP_DEFAULTS = {"rematch_every": 1, "cache_interval": 3, "max_downsample": 1}
+
+
 def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str, dict]) -> list[str]:
-    """A line per run method whose step-dependent option (ToFu's ``rematch_every``, the ``cache_interval`` of a
-    ``deepcache+`` name) differs from the bench's, which timed every variant with its own."""
+    """A line per run method whose option that sets its step time (ToFu's ``rematch_every``, the ``cache_interval``
+    of a ``deepcache+`` name, the ``max_downsample`` of the methods that patch a U-Net's levels) differs from the
+    bench's, which timed every variant with its own."""
     problems = []
     for name in methods:
-        for key, default in (("rematch_every", 1), ("cache_interval", 3)):
+        for key, default in _STEP_DEFAULTS.items():
             mine = (step_options.get(name) or {}).get(key)
             if mine is not None and mine != bench.get(key, default):
                 problems.append(f"  {name}: the run's {key} is {mine}, the bench's {bench.get(key, default)} (--{key.replace('_', '-')})")
@@ -138,7 +145,7 @@ def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str
 
 
 #: What the benches merged by one ``--cost`` must share: they stand for one cost axis.
-_SHARED = ("arch", "device", "dtype", "batch", "ratio", "rematch_every", "cache_interval", "compiled")
+_SHARED = ("arch", "device", "dtype", "batch", "ratio", "rematch_every", "cache_interval", "max_downsample", "compiled")
 
 
 def read_benches(paths: str | Path | list) -> tuple[dict, dict[str, tuple[Path, str, str]]]:
@@ -204,7 +211,7 @@ def _bench_command(bench: dict, methods: list[str], ratios: dict, step_options: 
     unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
     ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
     steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
-             if value is not None and value != {"rematch_every": 1, "cache_interval": 3}[key]}  # fmt: skip
+             if value is not None and value != _STEP_DEFAULTS[key]}  # fmt: skip
     out = ",".join(dict.fromkeys(str(path) for path, _, _ in source.values()))
     return (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(bench['steps'])} --variants {variants}"
             f"{ratio}{''.join(sorted(steps))} --json {out}")  # fmt: skip

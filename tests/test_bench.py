@@ -255,3 +255,24 @@ def test_bench_smoke_times_the_module_variants_and_deepcache(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "  deepcache+tofu@0.5: DeepCache interval 3: per-step mean of 1 uncached step" in table
     assert "\n  deepcache+tofu@0.5 " in table  # the name column is as wide as the longest name
+
+
+def test_bench_max_downsample_patches_lower_levels_too(tmp_path, capsys):
+    """``--max-downsample 2`` reaches every variant, ToFu and tomesd alike (the tiny U-Net has 5 transformer blocks at
+    its highest resolution and 5 at the next), and the JSON, which --cost compares with the run's; a diffusion
+    transformer refuses it before anything is built."""
+    from evaluation.bench.variants import bench_options
+
+    unet = tiny_unet("sd15")
+    for levels, blocks in ((1, 5), (2, 10)):
+        with variant_applied(unet, "tofu+ff@0.5", 0.5, bench_options(1, levels)):
+            assert len(tofu_sd.patched_blocks(unet)) == blocks
+        with variant_applied(unet, "tome+mlp@0.5", 0.5, bench_options(1, levels)):  # tomesd decides per call
+            assert unet._tome_info["args"]["max_downsample"] == levels and unet._tome_info["args"]["merge_mlp"]
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--smoke", "--variants", "full,tofu", "--no-ops", "--overhead-tokens", "", "--json", str(out)]
+    assert main([*argv, "--max-downsample", "2"]) == 0
+    assert json.loads(out.read_text())["max_downsample"] == 2
+    assert "max_downsample 2: lower levels patched too)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="tiny-sd3-random is a diffusion transformer.*leave --max-downsample at 1"):
+        run_bench(arch="tiny-sd3-random", latents=(8,), reps=1, max_downsample=2, ops=False, overhead_tokens=())

@@ -276,3 +276,40 @@ def test_a_method_must_be_timed_with_the_runs_rematch_every_and_cache_interval(t
     assert "--cache-interval 4 --rematch-every 2 --json" in message
     bench.update(rematch_every=2, cache_interval=4)
     assert bench_cost(write_bench(tmp_path, bench, "other.json"), run, ratios, other)["points"]
+
+
+def test_a_method_must_be_timed_at_the_runs_max_downsample(tmp_path):
+    """Patching a U-Net's lower levels too (--max-downsample 2) changes every reducing method's step time, not
+    full's nor DeepCache's: a bench timed at another level count is refused with the command that matches the run,
+    and a bench written before the option existed counts as 1. Benches of different levels share no cost axis."""
+    path = write_bench(tmp_path)  # no max_downsample key: an old bench, which timed the highest resolution only
+    ratios = {m: None for m in RUN}
+    one = {m: ({} if m == "full" else {"max_downsample": 1}) for m in RUN}
+    assert bench_cost(path, RUN, ratios, one)["points"]["tome@0.5"]["step_vs_full"]["512"] == pytest.approx(0.9)
+    two = {m: ({} if m == "full" else {"max_downsample": 2}) for m in RUN}
+    with pytest.raises(EvaluationError) as error:
+        bench_cost(path, RUN, ratios, two)
+    message = str(error.value)
+    assert "todo@0.75: the run's max_downsample is 2, the bench's 1 (--max-downsample)" in message
+    assert "full:" not in message and "--max-downsample 2 --json" in message
+    bench = bench_json()
+    bench["max_downsample"] = 2
+    assert bench_cost(write_bench(tmp_path, bench, "two.json"), RUN, ratios, two)["points"]
+    a = write_bench(tmp_path, _one_size("512", "x"), "a.json")
+    b = _one_size("1024", "y")
+    b["max_downsample"] = 2
+    with pytest.raises(EvaluationError, match="max_downsample: 2 in .*b.json, 1 in .*a.json"):
+        bench_cost(f"{a},{write_bench(tmp_path, b, 'b.json')}", RUN, ratios)
+
+
+def test_evaluate_takes_max_downsample_from_the_run():
+    """What evaluate hands bench_cost: the run's max_downsample for every method that patches levels."""
+    from evaluation.evaluate import _step_options
+
+    methods = ["full", "tofu@0.5", "tome+mlp@0.5", "todo@0.75", "deepcache@3", "deepcache+tofu@0.5", "oracle@0.5"]
+    manifest = {"config": {"reduction": {"max_downsample": 2, "rematch_every": 1}},
+                "methods": {"deepcache+tofu@0.5": {"params": {"cache_interval": 3}}}}  # fmt: skip
+    got = _step_options(manifest, methods)
+    assert {m for m in methods if got[m].get("max_downsample") == 2} == {
+        "tofu@0.5", "tome+mlp@0.5", "todo@0.75", "deepcache+tofu@0.5", "oracle@0.5"}
+    assert got["full"] == {} and got["deepcache@3"] == {}

@@ -32,18 +32,24 @@ def run_bench(
     reps: int = 5, warmup: int = 1, batch: int | None = None, device: str = "auto", dtype: str = "auto",
     compile_: bool = False, overhead_tokens: tuple[int, ...] = (4096, 16384, 65536), overhead_reps: int = 10,
     ops: bool = True, call_memory_latent: int = 0, rematch_every: int = 1,
-    cache_interval: int = DEFAULT_CACHE_INTERVAL, log=print,
+    cache_interval: int = DEFAULT_CACHE_INTERVAL, max_downsample: int = 1, log=print,
 ) -> dict:  # fmt: skip
     """Run the benchmark and return its results (what ``tofu-sd bench`` prints and writes as JSON).
 
     ``batch`` None is the arch's default (:func:`~.archs.default_batch`). ``rematch_every`` is ToFu's for every
     tofu variant; ``cache_interval`` DeepCache's in the ``deepcache+<tofu>`` variants (``deepcache@N`` has its
-    own). On a diffusion transformer the variants default to those of the default set that run on it; every
+    own). ``max_downsample`` is the U-Net levels every method patches (tofu_sd's option; 1, the highest
+    resolution only, is the default; diffusion transformers refuse other values). On a diffusion transformer the variants default to those of the default set that run on it; every
     variant and size is checked before the model is built, and each size also gets :func:`~.targets.dit_targets`."""
     arch = resolve_arch(arch)
-    options = bench_options(rematch_every)
+    options = bench_options(rematch_every, max_downsample)
     more = MethodOptions(cache_interval=cache_interval)
     transformer = is_transformer(arch)
+    if transformer and max_downsample != 1:
+        raise ValueError(
+            f"--max-downsample {max_downsample} chooses a U-Net's levels; {arch} is a diffusion transformer, whose "
+            "blocks all see the full token grid: leave --max-downsample at 1"
+        )
     if transformer:
         names = transformer_variants_checked(arch, None if variants is None else list(variants), ratio, options, more)
         check_sizes(arch, latents)
@@ -57,7 +63,7 @@ def run_bench(
     model = build_model(arch, dev, dt)
     out = {
         "machine": machine(), "device": dev.type, "dtype": str(dt).removeprefix("torch."), "arch": arch,
-        "batch": batch, "ratio": ratio, "rematch_every": rematch_every,
+        "batch": batch, "ratio": ratio, "rematch_every": rematch_every, "max_downsample": max_downsample,
         "cache_interval": cache_interval, "reps": reps, "compiled": compile_, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}, "block_overhead": {},
     }  # fmt: skip

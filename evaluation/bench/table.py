@@ -24,7 +24,9 @@ def _notes(result: dict, variants: dict) -> list[str]:
 def format_table(result: dict) -> str:
     model = "U-Net" if "transformer" not in result else f"{result['transformer']['class']} ({result['transformer']['params']:,} parameters)"
     lines = [f"{result['arch']} {model} step on {result['machine']} ({result['device']}, {result['dtype']}, "
-             f"batch {result['batch']}, ratio {result['ratio']}, compiled={result['compiled']})"]  # fmt: skip
+             f"batch {result['batch']}, ratio {result['ratio']}, compiled={result['compiled']}"
+             + (f", max_downsample {result['max_downsample']}: lower levels patched too" if result.get("max_downsample", 1) != 1 else "")
+             + ")"]  # fmt: skip
     for size, data in result["steps"].items():
         full = data["variants"].get("full", {}).get("median_s")
         width = max([10, *map(len, data["variants"])])

@@ -37,10 +37,11 @@ def resolve_variant(variant: str, ratio: float) -> Name:
     return name
 
 
-def bench_options(rematch_every: int = 1) -> TokenFusionConfig:
+def bench_options(rematch_every: int = 1, max_downsample: int = 1) -> TokenFusionConfig:
     """The options of every variant besides its name's parameter: :data:`BENCH_OPTIONS`, with ``rematch_every``
-    (ValueError if it is out of range)."""
-    return replace(BENCH_OPTIONS, rematch_every=rematch_every)
+    and ``max_downsample`` (the U-Net levels that every block-selecting method patches, as in ``generate``;
+    ValueError if either is out of range)."""
+    return replace(BENCH_OPTIONS, rematch_every=rematch_every, max_downsample=max_downsample)
 
 
 def parse_variants(
