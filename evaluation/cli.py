@@ -63,7 +63,7 @@ def _add_reduction_options(parser: argparse.ArgumentParser, measured: bool = Fal
     group.add_argument("--ratio", type=float, default=None, help="fraction of tokens reduced per patched block (0.5)")
     if not measured:
         group.add_argument("--ratios", default=None, help="sweep: run every reducing method at each of these ratios, as <method>@<ratio>, e.g. 0.3,0.5,0.7 (todo: nearest pooling)")
-        group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up; diffusion transformers: P in the first third of the patched blocks, M after)")
+        group.add_argument("--schedule", default=None, help="ToFu letters per block, P/A/M (default: P down, M up; diffusion transformers: M in every patched block)")
     group.add_argument("--max-downsample", type=int, default=1, choices=(1, 2, 4, 8), help="U-Nets: blocks apply would patch (1)" if measured else "U-Nets: patch lower resolutions too")
     group.add_argument("--blocks", default=None, help="diffusion transformers (SD3, PixArt, Flux): the blocks to patch by index in forward order, e.g. 0-3 or 0,2,5-7 (default: all)")
     group.add_argument("--sx", type=int, default=2, help="cell width (2)")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "feed-forward), as every block is alike and patched, so ratios between variants and memory above full's "
         "are the whole model's; flux-dev (FluxTransformer2DModel, 11.9B parameters, 19 double + 38 single-stream "
         "blocks: 48 GB of fp32 weights, for a GPU with --dtype bf16); flux-dev-slice: 1 double- and 1 "
-        "single-stream block, each kind once, with the schedule letters the whole model gives them (P, M); "
+        "single-stream block, each kind once; "
         "tiny-sd3-random, tiny-flux-random: test-sized transformers for a smoke run. See evaluation/dit_archs.py",
     )  # fmt: skip
     bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8; Flux and SD3: multiples of 16)")

@@ -8,15 +8,14 @@ denoising step of each, as ``StableDiffusion3Pipeline`` and ``FluxPipeline`` giv
   the last). Every block of SD3 is alike, and Token Fusion patches each of them, so the slice's step is that of
   the whole model less 22 blocks: its ratios between variants are the whole model's to within the embeddings'
   share (under 1%), and its peak memory above full's is the whole model's (the blocks run one after another).
-  The default schedule gives it ``PM``, the whole model ``P`` x 8 + ``M`` x 16.
+  The default schedule gives every block ``M``.
 - ``flux-dev``: :data:`FLUX_DEV`, the ``FluxTransformer2DModel`` config of FLUX.1-dev (11.9B parameters: 19
   double-stream and 38 single-stream blocks of 24 heads x 128, guidance embedding, rotary axes (16, 56, 56)).
   Its fp32 weights alone take 48 GB: it needs a GPU (``--dtype bf16``) or a machine with that much memory.
 - ``flux-dev-slice``: the same config with :data:`FLUX_SLICE_LAYERS` (1 double-stream and 1 single-stream
-  block): each kind of block once, so the slice times both of Token Fusion's ways into a Flux block, ``P`` on the
-  double-stream one and ``M`` on the single-stream one, the letters the default schedule gives those blocks in
-  the whole model (``P`` x 19 on the double-stream blocks, ``M`` x 38 on the single-stream ones). Its step is
-  about 1 / 28 of the whole model's.
+  block): each kind of block once, so the slice times both of Token Fusion's ways into a Flux block (the image
+  stream of a double-stream block, the image part of a single-stream block's ``[text, image]`` sequence), with
+  the letter the default schedule gives every block (``M``). Its step is about 1 / 28 of the whole model's.
 - ``tiny-sd3-random``, ``tiny-flux-random``: test-sized transformers of each family (shaped like the tests' in
   ``tests/test_dit_common.py``), for a smoke run in seconds.
 

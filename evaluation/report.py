@@ -69,7 +69,7 @@ def _is_dit(config: dict) -> bool:
 
 def _default_schedule(config: dict) -> str:
     if _is_dit(config):
-        return "default (P in the first third of the patched blocks, M after)"
+        return "default (M in every patched block)"
     return "default (P down, M up)"
 
 

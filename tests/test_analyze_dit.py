@@ -333,7 +333,7 @@ def test_sd3_analysis_counts_blocks_and_apply_kwargs(tmp_path):
     # blocks: only those, with the default of that many blocks; the proposal applies with the same blocks.
     chosen = analyze(AnalyzeConfig(**{**config.__dict__, "reduction": TokenFusionConfig(blocks="1-2")}), pipe, progress=False)
     assert [b["name"] for b in chosen["blocks"]] == ["transformer_blocks.1", "transformer_blocks.2"]
-    assert chosen["default_schedule"] == "PM" and chosen["apply_kwargs"]["blocks"] == "1-2"
+    assert chosen["default_schedule"] == "MM" and chosen["apply_kwargs"]["blocks"] == "1-2"
     tofu_sd.apply(pipe, **chosen["apply_kwargs"])
     assert [b.name for b in tofu_sd.patched_blocks(pipe)] == ["transformer_blocks.1", "transformer_blocks.2"]
     tofu_sd.remove(pipe)
@@ -388,11 +388,11 @@ def test_cli_analyze_tiny_sd3(tiny_sd3_folder, tmp_path, capsys, monkeypatch):  
     printed = capsys.readouterr().out
     assert result["config"]["prompts"] == "shapes" and result["config"]["guidance_scale"] == 5.0
     assert "attn FL" in printed and "transformer_blocks.2" in printed
-    assert f"proposed schedule: {result['proposed_schedule']} (default PMM, SD3, blocks all)" in printed
+    assert f"proposed schedule: {result['proposed_schedule']} (default MMM, SD3, blocks all)" in printed
     assert f"--model tiny-sd3 --schedule {result['proposed_schedule']} ..." in printed and "--max-downsample" not in printed
     assert main([*args, "--out", str(tmp_path / "b"), "--blocks", "0,2"]) == 0
     printed = capsys.readouterr().out
-    assert "(default PM, SD3, blocks 0,2)" in printed and "--blocks 0,2 ..." in printed
+    assert "(default MM, SD3, blocks 0,2)" in printed and "--blocks 0,2 ..." in printed
 
 
 def test_short_names_of_transformer_blocks():

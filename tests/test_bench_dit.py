@@ -352,8 +352,8 @@ def test_slices_are_the_real_configs_with_fewer_blocks():
     # As in the whole SD3, the slice's last block's text stream stops before the feed-forward.
     blocks = DIT_ARCHS["sd3-medium-slice"].build(device="meta").transformer_blocks
     assert [b.context_pre_only for b in blocks] == [False, True]
-    # The schedule letters the slices get are those the whole models give the same kinds of block.
-    for name, expected in (("sd3-medium-slice", "PM"), ("flux-dev-slice", "PM"), ("flux-dev", "P" * 19 + "M" * 38)):
+    # The slices get the letters the whole models give every block: M.
+    for name, expected in (("sd3-medium-slice", "MM"), ("flux-dev-slice", "MM"), ("flux-dev", "M" * 57)):
         model = DIT_ARCHS[name].build(device="meta")
         tofu_sd.apply(model)
         assert "".join(b.letter for b in tofu_sd.patched_blocks(model)) == expected

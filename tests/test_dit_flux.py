@@ -28,7 +28,7 @@ def test_default_blocks_are_double_then_single_stream():
     model = tiny_flux(num_layers=2, num_single_layers=4)
     tofu_sd.apply(model)
     assert [(b.name, b.letter) for b in tofu_sd.patched_blocks(model)] == [
-        ("transformer_blocks.0", "P"), ("transformer_blocks.1", "P"),
+        ("transformer_blocks.0", "M"), ("transformer_blocks.1", "M"),
         ("single_transformer_blocks.0", "M"), ("single_transformer_blocks.1", "M"),
         ("single_transformer_blocks.2", "M"), ("single_transformer_blocks.3", "M"),
     ]  # fmt: skip

@@ -23,7 +23,7 @@ def test_only_self_attention_sees_fewer_tokens(height, width):
     inputs = pixart_inputs(model, height=height, width=width, text=6)
     tofu_sd.apply(model, ratio=0.5, blocks="0,2")
     assert [(b.name, b.letter) for b in tofu_sd.patched_blocks(model)] == [
-        ("transformer_blocks.0", "P"), ("transformer_blocks.2", "M"),
+        ("transformer_blocks.0", "M"), ("transformer_blocks.2", "M"),
     ]  # fmt: skip
     n = (height // 2) * (width // 2)
     modules = {}

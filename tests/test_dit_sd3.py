@@ -28,7 +28,7 @@ def test_default_and_chosen_blocks():
     tofu_sd.apply(model)
     blocks = tofu_sd.patched_blocks(model)
     assert [b.name for b in blocks] == [f"transformer_blocks.{i}" for i in range(6)]
-    assert "".join(b.letter for b in blocks) == "PPMMMM"
+    assert "".join(b.letter for b in blocks) == "MMMMMM"
     # SD3.5's image-only attn2 is patched in the dual-attention blocks, with the block's matching.
     for i in range(6):
         block = model.transformer_blocks[i]

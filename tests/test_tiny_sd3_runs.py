@@ -237,7 +237,7 @@ def test_report_notes_name_the_defaults_of_the_backbone():
     reduction = {"ratio": 0.5, "schedule": None, "max_downsample": 1, "blocks": None, "sx": 2, "sy": 2, "use_rand": True}
     dit = " ".join(_notes({"model_class": "StableDiffusion3Pipeline", "reduction": reduction}, {}))
     unet = " ".join(_notes({"model_class": "StableDiffusionPipeline", "reduction": reduction}, {}))
-    assert "P in the first third of the patched blocks, M after" in dit and "blocks all" in dit
+    assert "M in every patched block" in dit and "blocks all" in dit
     assert "P down" not in dit and "max_downsample" not in dit
     assert "default (P down, M up)" in unet and "max_downsample 1" in unet and "blocks" not in unet
     chosen = " ".join(_notes({"model_class": "FluxPipeline", "reduction": {**reduction, "blocks": "0-3", "schedule": "PM"}}, {}))

@@ -29,7 +29,8 @@ class TokenFusionConfig:
         schedule (`str`, *optional*):
             How each patched block reduces, one letter per block in forward order: ``P`` pruned merging (drop the
             matched sources), ``A`` average merging, ``M`` MLERP merging (mean direction, largest norm). A single
-            letter applies to every block. ``None`` uses the paper's hybrid: ``P`` on the down path, ``M`` after.
+            letter applies to every block. ``None`` uses the paper's hybrid on a U-Net: ``P`` on the down path,
+            ``M`` after; on a diffusion transformer, ``M`` in every block (see :func:`tofu_sd.dit.default_schedule`).
         max_downsample (`int`, defaults to `1`):
             Patch the transformer blocks whose resolution is at most this many times lower than the U-Net's
             highest transformer resolution: 1, 2, 4 or 8. ``1`` patches only the highest resolution.
