@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
-from tofu_sd import TokenFusionConfig
+from tofu_sd import TokenFusionConfig, dit
 
 from .errors import EvaluationError
 from .files import TMP_SUFFIX, is_disk_full, write_json_atomic
 from .images import image_name, image_problem, parse_image_name
-from .methods import method_params
+from .methods import default_letters, method_params, parse_name
 from .models import default_size
 from .sampling import SIZE_MULTIPLE, check_size
 
@@ -285,10 +285,35 @@ class RunDir:
             sides.append(value)
         return sides[0], sides[1]
 
+    def _bind_default_letters(self, pipe) -> None:
+        """Record the letters tofu_sd's default schedule gives this model (config ``default_schedule``) when a
+        method of the call follows it, and refuse, before anything is written, to add images to such a method
+        made with other letters: a newer tofu_sd whose default changed would otherwise mix two schedules under
+        one name. A run recorded before the letters were (no ``default_schedule``) is taken as made with today's
+        default on a U-Net, whose default has not changed, and refused on a diffusion transformer, whose default
+        changed on 2026-12-01 (from ``P`` in the first third to ``M`` everywhere)."""
+        methods = [m for m in self.config.methods if parse_name(m).method.default_schedule]
+        if self.config.reduction.schedule is not None or not methods:
+            return
+        letters = default_letters(pipe, self.config.reduction)
+        if letters is None:
+            return
+        recorded = self.manifest["config"].get("default_schedule")
+        made = [m for m in methods if run_images_of(self.path, m)]
+        if made and recorded != letters and (recorded is not None or dit.handles(pipe)):
+            was = recorded or "of a tofu_sd from before 2026-12-01 (P in the first third of the blocks)"
+            raise EvaluationError(
+                f"{self.path}: {', '.join(made)} were made with tofu_sd's default schedule {was}; this tofu_sd's "
+                f"default on this model is {letters}, and {MIXING}. Choose a new --out for this version's default, "
+                f"or continue the run's images with a copy of the tofu_sd that made them."
+            )
+        self.manifest["config"]["default_schedule"] = letters
+
     def start(self, pipe, devices: list[str], processes: int) -> Plan:
         """Bind the run to this call (its size checked against ``pipe``), list the pending work, open a session
         and write the manifest."""
         height, width = self.size(pipe)
+        self._bind_default_letters(pipe)
         self.manifest["config"].update(height=height, width=width, model_class=type(pipe).__name__)
         for method in self.config.methods:
             (self.path / method).mkdir(exist_ok=True)

@@ -242,3 +242,43 @@ def test_report_notes_name_the_defaults_of_the_backbone():
     assert "default (P down, M up)" in unet and "max_downsample 1" in unet and "blocks" not in unet
     chosen = " ".join(_notes({"model_class": "FluxPipeline", "reduction": {**reduction, "blocks": "0-3", "schedule": "PM"}}, {}))
     assert "schedule PM" in chosen and "blocks 0-3" in chosen
+
+
+def _edit_manifest(out, change):
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest["config"])
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_run_records_its_default_letters_and_refuses_to_mix_another_default(tiny_sd3, tmp_path, capsys):
+    """A run binds the letters tofu_sd's default schedule gave its model; extending it with a tofu_sd whose default
+    differs (here: the recorded letters edited, as an older version would have left them) is refused before any
+    image is written, as is a DiT run recorded before the letters were. Methods with their own schedule
+    (tofu-M) and --schedule runs record nothing; a U-Net run without the record is extended (its default never
+    changed)."""
+    out = tmp_path / "run"
+    args = ["generate", "--model", "tiny-sd3", "--out", str(out), "--methods", "full,tofu,tofu-M", "--classes", "0",
+            "--steps", "1", "--device", "cpu", "--quiet", "--no-warmup"]  # fmt: skip
+    assert main([*args, "--per-class", "1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["default_schedule"] == "MMM"
+    before = {m: _images(out / m) for m in ("full", "tofu", "tofu-M")}
+    for change, said in ((lambda c: c.update(default_schedule="PMM"), "default schedule PMM;"),
+                         (lambda c: c.pop("default_schedule"), "from before 2026-12-01")):  # fmt: skip
+        _edit_manifest(out, change)
+        assert main([*args, "--per-class", "2"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "tofu were made with" in err and "default on this model is MMM" in err
+        assert {m: _images(out / m) for m in before} == before
+    _edit_manifest(out, lambda c: c.update(default_schedule="MMM"))
+    assert main([*args, "--per-class", "2"]) == 0 and len(_images(out / "tofu")) == 2
+    own = tmp_path / "own"
+    assert main([*args, "--out", str(own), "--per-class", "1", "--schedule", "PAM"]) == 0
+    assert "default_schedule" not in json.loads((own / "manifest.json").read_text())["config"]
+    unet = tmp_path / "unet"
+    uargs = ["generate", "--model", "tiny-random", "--out", str(unet), "--methods", "full,tofu", "--classes", "0",
+             "--steps", "1", "--device", "cpu", "--quiet", "--no-warmup"]  # fmt: skip
+    assert main([*uargs, "--per-class", "1"]) == 0
+    assert json.loads((unet / "manifest.json").read_text())["config"]["default_schedule"] == "PPMMM"
+    _edit_manifest(unet, lambda c: c.pop("default_schedule"))
+    assert main([*uargs, "--per-class", "2"]) == 0 and len(_images(unet / "tofu")) == 2

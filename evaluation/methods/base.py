@@ -157,6 +157,8 @@ class Method:
     in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
     takes: tuple[str, ...] = ()  #: the fields of :class:`MethodOptions` that ``params`` takes
     unet_only: str | None = None  #: why it runs on U-Nets only (None: on diffusion transformers too)
+    #: its images follow tofu_sd's default schedule when the run gives no ``--schedule`` (a run records its letters)
+    default_schedule: bool = False
 
     @property
     def runs_on_transformers(self) -> bool:

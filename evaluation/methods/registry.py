@@ -34,7 +34,8 @@ def _tofu(name: str, summary: str, modules: tuple[str, ...] | None = None, **ove
     """A tofu variant: ``tofu_sd.apply`` with ``overrides`` in place of the run's options and, given ``modules``
     (the ``+<module>`` variants, not in the bench's default set), those sub-modules on the reduced tokens."""
     params = merged_params if modules is None else modules_params(modules)
-    return Method(name, summary, tofu_patch(**overrides), params, step_mix=rematch_mix, in_bench_default=modules is None)
+    return Method(name, summary, tofu_patch(**overrides), params, step_mix=rematch_mix, in_bench_default=modules is None,
+                  default_schedule="schedule" not in overrides)  # fmt: skip
 
 
 def _tome(name: str, summary: str, modules: tuple[str, ...]) -> Method:
@@ -48,6 +49,7 @@ def _deepcache_around(variant: Method) -> Method:
         f"deepcache+{variant.name}", f"{variant.name} with DeepCache around it, at --cache-interval (3)",
         deepcache.around(variant.patch), deepcache.with_interval(variant.params), requires=DEEPCACHE,
         step_mix=deepcache.combined_mix, in_bench_default=False, takes=("cache_interval",), unet_only=DEEPCACHE_UNET,
+        default_schedule=variant.default_schedule,
     )  # fmt: skip
 
 

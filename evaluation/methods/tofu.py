@@ -77,6 +77,21 @@ def tofu_patch(**overrides):
     return patch
 
 
+def default_letters(pipe, options: TokenFusionConfig) -> str | None:
+    """The letters tofu_sd's default schedule gives the blocks that ``options`` patch on ``pipe``'s model, in
+    forward order (what a run's default-schedule ToFu images are made with), found by applying and removing it;
+    None where tofu_sd cannot patch the model (the method then refuses it with its own error)."""
+    probe = replace(options, ratio=0.5, schedule=None, reduce="tokens", modules=("attn1",), rematch_every=1)
+    try:
+        tofu_sd.apply(pipe, **asdict(probe))
+    except ValueError:
+        return None
+    try:
+        return "".join(block.letter for block in tofu_sd.patched_blocks(pipe))
+    finally:
+        tofu_sd.remove(pipe)
+
+
 def tome_max_downsample(pipe, options: TokenFusionConfig) -> int:
     """tomesd counts downsampling from the U-Net input, tofu_sd from its finest transformer level: patch the same blocks."""
     finest = min(site.downsample for site in transformer_block_sites(unwrap_unet(pipe)))
