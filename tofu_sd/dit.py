@@ -27,9 +27,11 @@ Flux: the double-stream blocks, then the single-stream ones, in forward order); 
 by index in that order. The schedule merges with MLERP (``M``) in every block: the paper prunes where a layer is
 far from linear (functional linearity under 1/sqrt(2)), and ``tofu-sd analyze`` on the built-in trained DiT
 (``tiny-sd3``) finds every block's FL at 0.93-0.98, early blocks included, so it proposes ``M`` throughout; on
-960 same-seed pairs there (ratios 0.5 and 0.25) all-``M`` is at least as close to the full model in MS-SSIM as
-pruning the first third, the paper's ViT depth rule (README, "diffusion transformers"). Real SD3 / Flux weights
-were not analysed; ``tofu-sd analyze`` on them proposes a schedule for each. ``reduce="kv"`` works where the attention takes an attention mask
+480 same-seed pairs at each of ratios 0.5 and 0.25 there, all-``M`` is at least as close to the full model in
+MS-SSIM as pruning the first third, the paper's ViT depth rule (README, "diffusion transformers"). Real SD3 /
+Flux weights were not analysed; ``tofu-sd analyze`` on them proposes a schedule for each.
+
+``reduce="kv"`` works where the attention takes an attention mask
 for proportional attention's ``log(size)`` bias and its keys and values through ``encoder_hidden_states``:
 PixArt's ``attn1`` (through :class:`~tofu_sd.hooks.KeyValueHook`); SD3's ``JointAttnProcessor2_0`` ignores
 attention masks and Flux computes text and image keys in one call, so there it raises ``ValueError``.
