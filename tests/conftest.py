@@ -84,10 +84,10 @@ def one_thread():
 
 @pytest.fixture
 def matches(monkeypatch):
-    """Every matching the hooks compute, in call order (a spy on ``tofu_sd.hooks.match``)."""
-    from tofu_sd import hooks
+    """Every matching the hooks compute, in call order (a spy on ``tofu_sd.state.match``)."""
+    from tofu_sd import state
 
     seen = []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda *a, **kw: seen.append(real_match(*a, **kw)) or seen[-1])
+    real_match = state.match
+    monkeypatch.setattr(state, "match", lambda *a, **kw: seen.append(real_match(*a, **kw)) or seen[-1])
     return seen

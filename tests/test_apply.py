@@ -151,11 +151,15 @@ def test_objects_without_a_unet_are_refused():
     class FluxLike:
         transformer = torch.nn.Linear(2, 2)
 
-    # A `transformer` that is none of the supported diffusion transformers: the message lists those.
-    with pytest.raises(ValueError, match="StableDiffusion3Pipeline.*FluxPipeline.*got FluxLike with a Linear"):
+    # A `transformer` that is none of the supported families: the message names the object and every family.
+    families = r"U-Net \(UNet2DConditionModel.*SD3 \(SD3Transformer2DModel\).*PixArt.*Flux \(FluxTransformer2DModel\)"
+    with pytest.raises(ValueError, match=f"does not support FluxLike holding a Linear.*{families}.*register_family"):
         tofu_sd.apply(FluxLike())
-    with pytest.raises(ValueError, match="UNet2DConditionModel; got Linear"):
+    with pytest.raises(ValueError, match=f"does not support Linear. Supported.*{families}"):
         tofu_sd.apply(torch.nn.Linear(2, 2))
+    for remove in (tofu_sd.remove, tofu_sd.remove_token_fusion, tofu_sd.get_state):
+        with pytest.raises(ValueError, match="does not support Linear"):
+            remove(torch.nn.Linear(2, 2))
 
 
 def test_matches_tomesd_with_average_merging_and_no_randomness():
@@ -193,8 +197,8 @@ def test_each_sample_is_independent_of_its_batch():
 def test_partition_follows_seed_timestep_and_block_only_with_use_rand(unet_sd15, monkeypatch):
     """The partition each patched block's matching gets, seen through the hooks' call of ``match``."""
     seen = []
-    real_match = tofu_sd.hooks.match
-    monkeypatch.setattr(tofu_sd.hooks, "match", lambda x, plan: seen.append(plan.rows) or real_match(x, plan))
+    real_match = tofu_sd.state.match
+    monkeypatch.setattr(tofu_sd.state, "match", lambda x, plan: seen.append(plan.rows) or real_match(x, plan))
 
     def partitions(timestep, **options):
         tofu_sd.apply(unet_sd15, **options)

@@ -1,4 +1,4 @@
-"""Tiny diffusion transformers (SD3 / SD3.5, PixArt, Flux) for the tofu_sd.dit tests, recording helpers, and the
+"""Tiny diffusion transformers (SD3 / SD3.5, PixArt, Flux) for the diffusion-transformer tests, recording helpers, and the
 tests that concern every architecture alike (the ``blocks`` option, dispatch, errors)."""
 
 import contextlib
@@ -13,7 +13,8 @@ from diffusers import (
 )
 
 import tofu_sd
-from tofu_sd import dit, dit_hooks
+from tofu_sd.families import family_of
+from tofu_sd.reducing import REDUCE_HOOK
 from tofu_sd.config import TokenFusionConfig, parse_blocks
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def capturing_matchings(model):
     for block in tofu_sd.patched_blocks(model):
         module = model.get_submodule(block.name)
         attn = module.attn if hasattr(module, "attn") else module.attn1
-        hook = attn._diffusers_hook.get_hook(dit_hooks.ATTENTION_HOOK)
+        hook = attn._diffusers_hook.get_hook(REDUCE_HOOK)
         seen[block.name] = []
         fn = lambda mod, args, kwargs, name=block.name, hook=hook: seen[name].append(hook.state.matching)
         handles.append(attn.register_forward_pre_hook(fn, with_kwargs=True))
@@ -208,7 +209,9 @@ def test_bad_blocks_are_refused(spec):
 
 def test_default_schedule_merges_with_mlerp_in_every_block():
     """analyze's proposal for the trained DiT (no block's FL near 1/sqrt(2)), for any number of blocks."""
-    assert [dit.default_schedule(n) for n in (1, 2, 3, 24, 57)] == ["M", "MM", "MMM", "M" * 24, "M" * 57]
+    for model in (tiny_sd3(), tiny_flux(), tiny_pixart()):
+        family = family_of(model)
+        assert [family.default_schedule([None] * n) for n in (1, 2, 3, 24, 57)] == ["M", "MM", "MMM", "M" * 24, "M" * 57]
 
 
 def test_blocks_on_a_unet_is_refused(unet_sd15):

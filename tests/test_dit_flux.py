@@ -17,7 +17,7 @@ from test_dit_common import (
 )
 
 import tofu_sd
-from tofu_sd.dit import grid_from_ids
+from tofu_sd.families.flux import grid_from_ids
 from tofu_sd.merge import MODES, match, reduce_tokens, restore_tokens
 from tofu_sd.plans import plan_blocks
 

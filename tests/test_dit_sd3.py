@@ -32,10 +32,10 @@ def test_default_and_chosen_blocks():
     # SD3.5's image-only attn2 is patched in the dual-attention blocks, with the block's matching.
     for i in range(6):
         block = model.transformer_blocks[i]
-        assert block.attn._diffusers_hook.get_hook("tofu_sd.dit.attention") is not None
+        assert block.attn._diffusers_hook.get_hook("tofu_sd.reduce") is not None
         assert (block.attn2 is not None) == (i < 2)
         if block.attn2 is not None:
-            assert block.attn2._diffusers_hook.get_hook("tofu_sd.dit.attention") is not None
+            assert block.attn2._diffusers_hook.get_hook("tofu_sd.reduce") is not None
     tofu_sd.apply(model, blocks="1-2,5", schedule="PAM")
     assert [(b.name, b.letter) for b in tofu_sd.patched_blocks(model)] == [
         ("transformer_blocks.1", "P"), ("transformer_blocks.2", "A"), ("transformer_blocks.5", "M"),

@@ -14,7 +14,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 import tofu_sd
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
-from tofu_sd import hooks
+from tofu_sd.hooking import register_innermost
+from tofu_sd.reducing import REDUCE_HOOK, KeyValueHook
+from tofu_sd.state import BlockState
 from tofu_sd.merge import MODES, reduce_tokens
 from tofu_sd.reference import bipartite_soft_matching, local_bipartite_soft_matching, partition
 
@@ -36,9 +38,9 @@ def attention(processor, dim=16, heads=2, dtype=torch.float32, **kw):
 
 def with_kv_hook(attn, m, mode):
     """``attn`` carrying the plugin's key-value hook, fed the matching ``m`` as the block's matching hook would."""
-    state = hooks.BlockState()
+    state = BlockState()
     state.matching = m
-    hooks.register(attn, hooks.KeyValueHook(state, LETTER[mode]), hooks.SELF_ATTENTION_HOOK)
+    register_innermost(attn, KeyValueHook(state, LETTER[mode]), REDUCE_HOOK)
     return attn
 
 
@@ -219,8 +221,8 @@ def test_each_patched_attn1_output_equals_the_reference(processor, options, monk
     unet.set_attn_processor(processor())
     tofu_sd.apply(unet, reduce="kv", **options)
     matchings, seen, handles = [], [], []
-    real_match = tofu_sd.hooks.match
-    monkeypatch.setattr(tofu_sd.hooks, "match", lambda x, plan: matchings.append(real_match(x, plan)) or matchings[-1])
+    real_match = tofu_sd.state.match
+    monkeypatch.setattr(tofu_sd.state, "match", lambda x, plan: matchings.append(real_match(x, plan)) or matchings[-1])
     blocks = tofu_sd.patched_blocks(unet)
     for block in blocks:
         attn1 = unet.get_submodule(f"{block.name}.attn1")

@@ -15,7 +15,7 @@ import torch
 
 import tofu_sd
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
-from tofu_sd import hooks
+from tofu_sd import hooks, state
 
 COMBINATIONS = [("attn1",), ("attn1", "attn2"), ("attn1", "ff"), ("attn1", "attn2", "ff"), ("attn2",), ("ff",)]
 IDS = ["+".join(c) for c in COMBINATIONS]
@@ -216,8 +216,8 @@ def test_reduced_attn2_and_ff_outputs_equal_the_per_group_formula(options, monke
     module's output on its group's merged token (under ``reduce="kv"`` too)."""
     unet = tofu_sd.apply(tiny_unet("sd15"), ratio=0.5, schedule="PAMAP", modules="attn1,attn2,ff", **options)
     matchings, seen, handles = [], [], []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda x, plan: matchings.append(real_match(x, plan)) or matchings[-1])
+    real_match = state.match
+    monkeypatch.setattr(state, "match", lambda x, plan: matchings.append(real_match(x, plan)) or matchings[-1])
     blocks = tofu_sd.patched_blocks(unet)
     for index, block in enumerate(blocks):
         for part in ("attn2", "ff"):
@@ -343,8 +343,8 @@ def test_deep_copy_and_threads():
 def test_rematch_every_reuses_the_matching_for_every_module(monkeypatch):
     unet = tofu_sd.apply(tiny_unet("sd15"), rematch_every=2, modules="attn1,attn2,ff")
     computed = []
-    real_match = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda x, plan: computed.append(1) or real_match(x, plan))
+    real_match = state.match
+    monkeypatch.setattr(state, "match", lambda x, plan: computed.append(1) or real_match(x, plan))
     for timestep, matches in [(900, 5), (700, 0)]:
         before = len(computed)
         inputs = {**tiny_unet_inputs(unet, seed=timestep), "timestep": torch.tensor(timestep)}

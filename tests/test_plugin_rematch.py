@@ -9,7 +9,9 @@ import torch
 
 import tofu_sd
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
-from tofu_sd import hooks
+from tofu_sd import state
+from tofu_sd.install import call_state
+from tofu_sd.state import MAX_CALLS_PER_STEP
 
 TIMESTEPS = [900, 700, 500, 300, 100, 50]
 BLOCKS = 5  # patched blocks of the tiny SD-1.5 U-Net
@@ -70,7 +72,7 @@ def test_matching_steps_equal_k1_and_reuse_steps_use_the_old_matching(options, c
         # matching step (each CFG half its own).
         old = iter(computed[i - i % k])
         with monkeypatch.context() as patch:
-            patch.setattr(hooks, "match", lambda x, plan, old=old: next(old))
+            patch.setattr(state, "match", lambda x, plan, old=old: next(old))
             assert torch.equal(call(unet, step_inputs(unet, i), cfg), reused[i]), i
         assert next(old, None) is None
 
@@ -110,21 +112,21 @@ def test_each_pipeline_call_starts_a_new_matching(tiny_pipe_factory, matches):
 
 def test_a_shape_change_rematches_and_storage_stays_bounded(matches, monkeypatch):
     unet = tofu_sd.apply(tiny_unet("sd15"), rematch_every=3)
-    state = hooks.get_torch_hook(unet, hooks.TIMESTEP_HOOK).call
+    call_data = call_state(unet)
     grids = [(16, 16), (12, 12), (16, 16), (12, 12)]
     outputs, computed = [], []
     for i, (h, w) in enumerate(grids):
         before = len(matches)
         outputs.append(call(unet, step_inputs(unet, i, height=h, width=w), "batched"))
         computed.append(matches[before:])
-        stored = {(key[1], key[2]) for key in state.matchings}
+        stored = {(key[1], key[2]) for key in call_data.matchings}
         assert stored == [{(16, 16)}, {(16, 16), (12, 12)}, {(16, 16), (12, 12)}, {(12, 12)}][i], i
-        assert len(state.matchings) == BLOCKS * len(stored)
+        assert len(call_data.matchings) == BLOCKS * len(stored)
     assert [len(m) for m in computed] == [5, 5, 0, 5]  # step 1: a grid of its own; step 3: a matching step
     tofu_sd.apply(unet)
     assert torch.equal(outputs[1], call(unet, step_inputs(unet, 1, height=12, width=12), "batched"))
     old = iter(computed[0])
-    monkeypatch.setattr(hooks, "match", lambda x, plan: next(old))
+    monkeypatch.setattr(state, "match", lambda x, plan: next(old))
     assert torch.equal(outputs[2], call(unet, step_inputs(unet, 2), "batched"))
 
 
@@ -134,7 +136,7 @@ def test_calls_of_one_step_beyond_the_stored_ones_match(matches):
         before = len(matches)
         call(unet, step_inputs(unet, 0, timestep), "batched")
         assert len(matches) - before == expected
-    assert len(hooks.get_torch_hook(unet, hooks.TIMESTEP_HOOK).call.matchings) == BLOCKS * hooks.MAX_CALLS_PER_STEP
+    assert len(call_state(unet).matchings) == BLOCKS * MAX_CALLS_PER_STEP
 
 
 def test_threads_count_their_own_steps():
@@ -190,18 +192,21 @@ def test_bad_rematch_every_raises_and_leaves_the_model_untouched(unet_sd15, valu
     assert tofu_sd.get_state(unet_sd15) is state and state.config.rematch_every == 2
 
 
-def test_torch_compile_without_graph_breaks_matches_at_every_call():
-    """A fully compiled U-Net cannot branch on the host-side step count: it matches at every call."""
+def test_torch_compile_whole_reuses_matchings_as_eager():
+    """The step count is kept on the host (the model's call hook runs outside compiled graphs): a U-Net compiled
+    whole, without graph breaks, reuses matchings exactly as the eager one does."""
+    eager = tofu_sd.apply(tiny_unet("sd15"), rematch_every=2)
+    inputs = [step_inputs(eager, i) for i in range(3)]
+    expected = [call(eager, x, "batched") for x in inputs]
     unet = tofu_sd.apply(tiny_unet("sd15"), rematch_every=2)
-    inputs = [step_inputs(unet, i) for i in range(3)]
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(unet)(**inputs[0])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(unet, backend="aot_eager")
-    got = [call(compiled, x, "batched") for x in inputs]
-    tofu_sd.apply(unet)
-    for x, out in zip(inputs, got):
-        torch.testing.assert_close(out, call(unet, x, "batched"), rtol=1e-4, atol=1e-5)
+    for x, out in zip(inputs, expected):
+        torch.testing.assert_close(call(compiled, x, "batched"), out, rtol=1e-4, atol=1e-5)
+    # step 1 reused step 0's matchings: matching afresh gives another output
+    assert not torch.allclose(expected[1], call(tofu_sd.apply(eager), inputs[1], "batched"))
 
 
 def test_compiled_blocks_in_an_eager_unet_reuse_matchings():

@@ -23,7 +23,8 @@ from diffusers import (
 from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
 
 import tofu_sd
-from tofu_sd import hooks
+from tofu_sd import state as hooks
+from tofu_sd.reducing import REDUCE_HOOK
 
 B, F, H, W = 2, 3, 16, 12  # batch, frames, latent height and width: all different, so every shape tells them apart
 TEXT_DIM = 32
@@ -262,7 +263,7 @@ def test_schedule_letters_go_to_the_blocks_in_forward_order(model):
     assert [(b.name, b.letter) for b in tofu_sd.patched_blocks(unet)] == list(zip(FINEST, "PAAMM"))
     spatial, _ = transformer_blocks(unet)
     for name, letter in zip(FINEST, "PAAMM"):
-        assert spatial[name].attn1._diffusers_hook.get_hook(hooks.SELF_ATTENTION_HOOK).letter == letter
+        assert spatial[name].attn1._diffusers_hook.get_hook(REDUCE_HOOK).letter == letter
     # The blocks listed are called in that order.
     order = [name for name, part, *_ in attention_calls(unet, inputs) if name in FINEST and part == "attn1"]
     assert order == FINEST

@@ -1,25 +1,32 @@
-"""Public entry points: apply Token Fusion to a Stable Diffusion U-Net, inspect it, remove it."""
+"""Public entry points: apply Token Fusion to a model or pipeline, inspect it, remove it.
+
+:func:`apply_token_fusion` / :func:`remove_token_fusion` take a :class:`~tofu_sd.TokenFusionConfig`, in the style
+of diffusers' ``apply_*(module, config)``; :func:`apply` / :func:`remove` are the one-line convenience over them.
+Both take a model of a registered family (:func:`tofu_sd.register_family`), possibly wrapped by
+``torch.compile``, or a pipeline holding one as its ``unet`` or ``transformer``.
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
 import torch
 
-from . import dit, hooks
-from .blocks import select_sites, transformer_block_sites, unwrap_unet
 from .config import TokenFusionConfig
+from .families import Family, family_of, supported
+from .hooking import hooked_modules, is_class_forward, torch_hooks
+from .install import call_state, install, uninstall
 from .merge import MODES
 
 T = TypeVar("T")
 
-_ATTR = "_tofu_sd"
-#: An instance attribute of a patched U-Net, found by ``copy.deepcopy`` (it looks the copier up on the instance).
+_STATE = "_tofu_sd"  #: the :class:`TokenFusionState` on a patched model
+#: An instance attribute of a patched model, found by ``copy.deepcopy`` (it looks the copier up on the instance).
 _DEEPCOPY = "__deepcopy__"
-#: Stands, during a deep copy, for the hook registries and hooked forwards left out of the copy.
+#: Stands, during a deep copy, for the hooks, registries and hooked forwards left out of the copy.
 _LEFT_OUT = object()
 
 
@@ -38,7 +45,7 @@ class PatchedBlock:
 
 @dataclass(frozen=True)
 class TokenFusionState:
-    """What :func:`apply_token_fusion` installed on a U-Net (stored on it as ``unet._tofu_sd``)."""
+    """What :func:`apply_token_fusion` installed on a model (stored on it as ``model._tofu_sd``)."""
 
     config: TokenFusionConfig
     blocks: tuple[PatchedBlock, ...]
@@ -48,176 +55,69 @@ class TokenFusionState:
         return "".join(block.letter for block in self.blocks)
 
 
-def apply_token_fusion(unet: torch.nn.Module, config: TokenFusionConfig) -> TokenFusionState:
-    """Hook Token Fusion into ``unet`` (a UNet2DConditionModel) as ``config`` says, replacing an earlier patch.
+def model_and_family(obj: object) -> tuple[torch.nn.Module, Family]:
+    """The model of ``obj`` (itself, or a pipeline's ``unet`` / ``transformer``), without a ``torch.compile``
+    wrapper, and its family; ``ValueError`` naming the supported families if there is none."""
+    model = obj
+    if not isinstance(obj, torch.nn.Module):
+        model = next((getattr(obj, a) for a in ("unet", "transformer") if getattr(obj, a, None) is not None), obj)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    family = family_of(model)
+    if family is None:
+        held = "" if model is obj else f" holding a {type(model).__name__}"
+        raise ValueError(
+            f"tofu_sd does not support {type(obj).__name__}{held}. Supported: a model of one of these families, "
+            f"or a pipeline holding one as its `unet` or `transformer`: {supported()}. Other models can be "
+            "adapted with tofu_sd.register_family."
+        )
+    return model, family
+
+
+def apply_token_fusion(obj: object, config: TokenFusionConfig) -> TokenFusionState:
+    """Hook Token Fusion into the model of ``obj`` (a model, or a pipeline holding it) as ``config`` says,
+    replacing an earlier patch; returns what was installed.
 
     Everything is validated before the model is touched; if hooking fails half way, what was hooked is removed.
-    """
-    sites = select_sites(transformer_block_sites(unet), config.max_downsample)
+    Given a pipeline, each of its calls starts a new step count (see :func:`reset_steps`)."""
+    model, family = model_and_family(obj)
+    sites = family.select(family.sites(model), config)
     if not sites:
-        raise ValueError(
-            f"{type(unet).__name__} has no BasicTransformerBlock in its down, mid or up blocks, so there is "
-            "nothing to apply Token Fusion to."
-        )
-    schedule = config.resolve_schedule([s.name for s in sites], [s.on_down_path for s in sites])
-    if config.reduce == "kv" and "attn1" in config.modules:
-        for site in sites:
-            hooks.check_key_value_attention(f"{site.name}.attn1", site.block.attn1)
+        raise ValueError(f"{type(model).__name__} has no {family.name} blocks that Token Fusion can patch.")
+    family.check(model, sites, config)
+    names = [site.name for site in sites]
+    schedule = family.default_schedule(sites) if config.schedule is None else config.resolve_schedule(names)
     config = replace(config, seed=0 if config.seed is None else config.seed)
-    state = TokenFusionState(
-        config, tuple(PatchedBlock(s.name, letter, s.downsample) for s, letter in zip(sites, schedule))
-    )
+    state = TokenFusionState(config, tuple(PatchedBlock(s.name, letter, s.downsample) for s, letter in zip(sites, schedule)))
 
-    remove_token_fusion(unet)
-    if config.ratio == 0:
-        # Nothing is reduced: leave the model exactly as it is, but remember what was asked.
-        setattr(unet, _ATTR, state)
-        return state
-    try:
-        call = hooks.CallState(config, len(sites))
-        # The outer hooks are torch module hooks: others (DeepCache) replace these modules' forward (see hooks).
-        hooks.attach(unet, hooks.TimestepHook(call), hooks.TIMESTEP_HOOK)
-        grids: dict[int, hooks.GridState] = {}
-        for index, (site, letter) in enumerate(zip(sites, schedule)):
-            if id(site.transformer) not in grids:
-                grids[id(site.transformer)] = hooks.GridState()
-                grid_hook = hooks.FeatureMapHook(grids[id(site.transformer)])
-                hooks.attach(site.transformer, grid_hook, hooks.FEATURE_MAP_HOOK)
-            block_state = hooks.BlockState()
-            matching = hooks.MatchingHook(call, grids[id(site.transformer)], block_state, index)
-            hooks.register(site.block, matching, hooks.MATCHING_HOOK)
-            for name in config.modules:
-                module = getattr(site.block, name, None)
-                if module is None:  # a block without cross-attention
-                    continue
-                if name == "attn1" and config.reduce == "kv":
-                    hook = hooks.KeyValueHook(block_state, letter)
-                else:
-                    hook = hooks.ReduceRestoreHook(block_state, letter, chunks=name == "ff", key_mask=name == "attn2")
-                hooks.register(module, hook, hooks.MODULE_HOOKS[name])
-    except BaseException:
-        _unhook(unet)
-        raise
-    setattr(unet, _ATTR, state)
-    setattr(unet, _DEEPCOPY, functools.partial(_deepcopy_patched, unet))
+    remove_token_fusion(obj)
+    if config.ratio != 0:  # at 0 nothing is reduced: the model stays exactly as it is, with the request noted
+        install(model, family, sites, schedule, config)
+        setattr(model, _DEEPCOPY, functools.partial(_deepcopy_patched, model))
+        if model is not obj and not isinstance(obj, torch.nn.Module):
+            _CallStart.install(obj, model)
+    setattr(model, _STATE, state)
+    _reset_compiled(obj)
     return state
 
 
-def remove_token_fusion(unet: torch.nn.Module) -> bool:
-    """Remove Token Fusion from ``unet``; True if it was applied."""
-    had_state = unet.__dict__.pop(_ATTR, None) is not None
-    unet.__dict__.pop(_DEEPCOPY, None)
-    return _unhook(unet) or had_state
+def remove_token_fusion(obj: object) -> bool:
+    """Remove Token Fusion from the model of ``obj`` (and its pipeline's call marking); True if it was applied."""
+    model, _ = model_and_family(obj)
+    had_state = model.__dict__.pop(_STATE, None) is not None
+    model.__dict__.pop(_DEEPCOPY, None)
+    found = uninstall(model)
+    if not isinstance(obj, torch.nn.Module):
+        found = _CallStart.uninstall(obj) or found
+    if had_state or found:
+        _reset_compiled(obj)
+    return had_state or found
 
 
-def _unhook(unet: torch.nn.Module) -> bool:
-    """Remove Token Fusion's torch hooks and registry hooks from ``unet``; True if there were any."""
-    outer = hooks.detach_all(unet)
-    return hooks.unregister_all(unet) or outer
-
-
-def _deepcopy_patched(unet: torch.nn.Module, memo: dict) -> torch.nn.Module:
-    """``copy.deepcopy`` of a patched U-Net: an independent copy, patched alike; ``unet`` itself is not touched.
-
-    A deep-copied diffusers hook would stay bound to the original (its forward is a closure over the original's
-    hooks and forward), and a deep-copied torch hook of Token Fusion's would share the original's state, so the
-    copy is made without Token Fusion's registries, hooked forwards and torch hooks, and Token Fusion is then
-    applied to the copy with the same configuration.
-    """
-    wrapped = hooks.hooked_modules(unet)
-    for module in wrapped:
-        memo[id(module._diffusers_hook)] = memo[id(module.__dict__["forward"])] = _LEFT_OUT
-    outer = hooks.torch_hooks(unet)
-    for _, outer_hooks in outer:
-        for function in outer_hooks.functions:
-            memo[id(function)] = _LEFT_OUT
-    cls = type(unet)
-    copied = memo[id(unet)] = cls.__new__(cls)  # as copy.deepcopy does, so references to unet map to the copy
-    state = {key: value for key, value in unet.__getstate__().items() if key not in (_ATTR, _DEEPCOPY)}
-    copied.__setstate__(copy.deepcopy(state, memo))
-    for module, forward in wrapped.items():
-        twin = memo[id(module)]
-        del twin.__dict__["_diffusers_hook"], twin.__dict__["forward"]
-        if not hooks.is_class_forward(module, forward):
-            twin.forward = copy.deepcopy(forward, memo)  # a wrapper installed before Token Fusion's hooks
-    for module, outer_hooks in outer:
-        outer_hooks.remove_from_copy(memo[id(module)])
-    apply_token_fusion(copied, getattr(unet, _ATTR).config)
-    return copied
-
-
-def apply(
-    pipe_or_unet: T,
-    ratio: float = 0.5,
-    *,
-    schedule: str | None = None,
-    max_downsample: int = 1,
-    sx: int = 2,
-    sy: int = 2,
-    use_rand: bool = True,
-    seed: int | None = None,
-    matching: str = "global",
-    local_window: int = 3,
-    reduce: str = "tokens",
-    rematch_every: int = 1,
-    modules: str | tuple[str, ...] | list[str] = ("attn1",),
-    blocks: str | tuple[int, ...] | None = None,
-) -> T:
-    """Apply Token Fusion to a Stable Diffusion pipeline or U-Net, in place, and return it.
-
-    Before self-attention in the U-Net's highest-resolution transformer blocks, ``int(N * ratio)`` of the N
-    tokens are reduced into their most similar destination token (bipartite soft matching on the block's
-    input); after self-attention every token is restored, so cross-attention, the feed-forward and the ResNets
-    see the full set (unless ``modules`` reduces cross-attention or the feed-forward too). With ``reduce="kv"``
-    self-attention keeps all N queries and only its keys and values are the reduced tokens. Calling ``apply``
-    again replaces the earlier patch; :func:`remove` undoes it exactly.
-
-    Args:
-        pipe_or_unet: a diffusers pipeline with a ``unet`` (StableDiffusionPipeline, StableDiffusionXLPipeline,
-            ...) or a ``UNet2DConditionModel``, possibly wrapped by ``torch.compile``.
-        ratio: fraction of tokens removed per patched block, in ``[0, 1 - 1/(sx*sy)]``. ``0`` changes nothing.
-        schedule: one letter per patched block in forward order, ``P`` pruned merging, ``A`` average merging,
-            ``M`` MLERP merging; a single letter sets all. ``None``: ``P`` on the down path, ``M`` afterwards.
-        max_downsample: also patch blocks up to this many times lower resolution (1, 2, 4 or 8) than the
-            U-Net's highest transformer resolution.
-        sx, sy: width and height of the cells that each hold one destination token.
-        use_rand: random destination position in each cell (seeded per block and timestep) instead of top-left.
-        seed: seed of those positions; ``None`` means 0.
-        matching: ``"global"`` (each source against every destination, exactly ToMe's matching, in chunks so
-            memory stays O(N)) or ``"local"`` (against the destinations of the cells around it; O(N) time).
-        local_window: side, in cells, of local matching's window (odd, default 3: the 3 x 3 cells around).
-        reduce: ``"tokens"`` (self-attention on the reduced tokens, then every token restored; the paper's
-            method) or ``"kv"`` (every token stays a query; keys and values come from the reduced tokens, with
-            proportional attention: a key standing for ``s`` tokens adds ``log(s)`` to its logits; no restore).
-        rematch_every: compute each block's partition and matching every this many denoising steps of a
-            pipeline call and reuse them in between; ``1`` (default) matches at every call. What counts as a
-            step and as a new pipeline call: :class:`~tofu_sd.TokenFusionConfig`.
-        modules: which sub-modules of each patched ``BasicTransformerBlock`` run on the reduced tokens:
-            ``"attn1"`` (self-attention, the default), ``"attn2"`` (cross-attention: its queries; the text keys
-            and values are untouched), ``"ff"`` (feed-forward), or any non-empty combination, as a tuple or
-            list of names or a comma-separated string (``"attn1,ff"``). Each one's input is reduced with the
-            block's one matching and letter, and its output restored, as tomesd's ``merge_attn``,
-            ``merge_crossattn`` and ``merge_mlp``. ``reduce`` concerns ``attn1`` only (with ``"kv"``, ``attn2``
-            and ``ff`` are still reduced and restored). Stored in canonical order (attn1, attn2, ff).
-        blocks: diffusion transformers only (a pipeline with a ``transformer``: SD3 / SD3.5, PixArt, Flux, or
-            the transformer model; see :mod:`tofu_sd.dit`): the blocks to patch, by index in forward order,
-            e.g. ``"0-11"`` or ``(0, 1, 5)``; ``None`` patches every block.
-
-    Raises:
-        ValueError: if an option is out of range or the object has no supported U-Net; the model is untouched.
-
-    Threads and copies:
-        A patched U-Net may be called from several threads at once: the hooks keep each call's state (its
-        timestep, feature-map sizes and matchings) per thread, so every output equals that of the same call
-        made alone. ``apply`` and ``remove`` themselves must not run while another thread calls the model.
-        ``copy.deepcopy`` of a patched U-Net, or of a pipeline holding one, gives an independent model patched
-        alike (its own hooks, running its own weights); ``remove`` on one leaves the other patched.
-
-    Stacking:
-        The hooks on the U-Net and on its ``Transformer2DModel`` s are torch module hooks, which leave their
-        ``forward`` alone (see :mod:`tofu_sd.hooks`), so Token Fusion stacks with what wraps ``forward``, such as
-        DeepCache's ``DeepCacheSDHelper``, in either order; either can then be removed (or disabled) and the
-        other stays as it is alone.
+def apply(pipe_or_model: T, ratio: float = 0.5, **options) -> T:
+    """Apply Token Fusion to a pipeline or model, in place, and return it: ``apply_token_fusion(pipe_or_model,
+    TokenFusionConfig(ratio=ratio, **options))``. The options, their defaults and what they do are
+    :class:`~tofu_sd.TokenFusionConfig`'s fields (docs/options.md). Calling it again replaces the earlier patch;
+    :func:`remove` undoes it exactly.
 
     Example:
         ```python
@@ -227,46 +127,126 @@ def apply(
         tofu_sd.remove(pipe)
         ```
     """
-    config = TokenFusionConfig(
-        ratio=ratio, schedule=schedule, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
-        matching=matching, local_window=local_window, reduce=reduce, rematch_every=rematch_every, modules=modules,
-        blocks=blocks,
-    )
-    if dit.handles(pipe_or_unet):
-        dit.apply_dit(pipe_or_unet, config)
-        return pipe_or_unet
-    if config.blocks is not None:
-        raise ValueError("blocks chooses blocks of diffusion transformers; a U-Net's are chosen by max_downsample.")
-    apply_token_fusion(unwrap_unet(pipe_or_unet), config)
-    _reset_compiled(pipe_or_unet)
-    return pipe_or_unet
+    known = {f.name for f in fields(TokenFusionConfig)} - {"ratio"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; tofu_sd.apply takes ratio and {', '.join(sorted(known))}.")
+    apply_token_fusion(pipe_or_model, TokenFusionConfig(ratio=ratio, **options))
+    return pipe_or_model
 
 
-def remove(pipe_or_unet: T) -> T:
-    """Remove Token Fusion from a pipeline or U-Net (a no-op if it was not applied) and return it."""
-    if dit.handles(pipe_or_unet):
-        dit.remove_dit(pipe_or_unet)
-        return pipe_or_unet
-    if remove_token_fusion(unwrap_unet(pipe_or_unet)):
-        _reset_compiled(pipe_or_unet)
-    return pipe_or_unet
+def remove(pipe_or_model: T) -> T:
+    """Remove Token Fusion from a pipeline or model (a no-op if it was not applied) and return it."""
+    remove_token_fusion(pipe_or_model)
+    return pipe_or_model
 
 
-def patched_blocks(pipe_or_unet: object) -> list[PatchedBlock]:
+def get_state(pipe_or_model: object) -> TokenFusionState | None:
+    """The configuration and blocks of the Token Fusion applied to a pipeline or model, or None."""
+    model, _ = model_and_family(pipe_or_model)
+    return getattr(model, _STATE, None)
+
+
+def patched_blocks(pipe_or_model: object) -> list[PatchedBlock]:
     """The blocks Token Fusion is applied to, in forward order, with their schedule letters (empty if none)."""
-    state = get_state(pipe_or_unet)
+    state = get_state(pipe_or_model)
     return list(state.blocks) if state is not None else []
 
 
-def get_state(pipe_or_unet: object) -> TokenFusionState | None:
-    """The configuration and blocks of the Token Fusion applied to a pipeline or U-Net, or None."""
-    if dit.handles(pipe_or_unet):
-        return dit.get_state(pipe_or_unet)
-    return getattr(unwrap_unet(pipe_or_unet), _ATTR, None)
+def reset_steps(pipe_or_model: object) -> None:
+    """Make the calling thread's next call of the patched model the first step of a new pipeline call: its step
+    count (``rematch_every``) starts again and the matchings stored by earlier calls are dropped.
+
+    A pipeline given to :func:`apply` does this at the start of each of its calls (when it sets its scheduler's
+    timesteps and opens its progress bar, as every diffusers pipeline does before its denoising loop), whatever
+    its first timestep; so does another pipeline made from its components (it shares the scheduler). Call it
+    yourself when you drive a bare model, or a pipeline with another scheduler that shares the model, from one
+    request to the next; without it a call whose first timestep is not higher than the previous call's last one continues
+    that call's step count (see ``TokenFusionConfig.rematch_every``)."""
+    model, _ = model_and_family(pipe_or_model)
+    call = call_state(model)
+    if call is not None:
+        call.new_pipeline_call()
 
 
-def _reset_compiled(pipe_or_unet: object) -> None:
-    """A compiled U-Net has traced the old hooks: drop its graphs so the next call traces the new ones."""
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if hasattr(unet, "_orig_mod"):
+class _CallStart:
+    """Marks the start of each pipeline call: installed on a pipeline as its ``progress_bar`` and on its scheduler
+    as its ``set_timesteps`` (instance attributes; every diffusers pipeline calls both before its denoising loop,
+    and a pipeline made from the same components, e.g. with ``from_pipe``, shares the scheduler), it calls
+    :func:`reset_steps` on ``model`` and then the method it replaced."""
+
+    #: The methods it replaces: on the pipeline, and on the pipeline's scheduler.
+    PLACES = (("", "progress_bar"), ("scheduler", "set_timesteps"))
+
+    def __init__(self, owner: object, name: str, model: torch.nn.Module) -> None:
+        self.owner, self.name, self.model = owner, name, model
+        self.previous = owner.__dict__.get(name)  # a replacement of someone else's, kept and called
+        # What it stands for, so that `inspect.signature` (which pipelines ask whether `set_timesteps` takes
+        # `sigmas` or `timesteps`) sees the replaced method's parameters.
+        self.__wrapped__ = self.previous if self.previous is not None else getattr(owner, name)
+
+    def __call__(self, *args, **kwargs):
+        reset_steps(self.model)
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return getattr(type(self.owner), self.name)(self.owner, *args, **kwargs)
+
+    @classmethod
+    def owners(cls, pipe: object):
+        for attribute, name in cls.PLACES:
+            owner = getattr(pipe, attribute, None) if attribute else pipe
+            if owner is not None and callable(getattr(type(owner), name, None)):
+                yield owner, name
+
+    @classmethod
+    def install(cls, pipe: object, model: torch.nn.Module) -> None:
+        for owner, name in cls.owners(pipe):
+            setattr(owner, name, cls(owner, name, model))
+
+    @classmethod
+    def uninstall(cls, pipe: object) -> bool:
+        found = False
+        for owner, name in cls.owners(pipe):
+            marker = owner.__dict__.get(name)
+            if isinstance(marker, cls):
+                del owner.__dict__[name]
+                if marker.previous is not None:
+                    setattr(owner, name, marker.previous)
+                found = True
+        return found
+
+
+def _deepcopy_patched(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy`` of a patched model: an independent copy, patched alike; ``model`` is not touched.
+
+    A deep-copied diffusers hook would stay bound to the original (its forward is a closure over the original's
+    hooks and forward), and a deep-copied torch hook of Token Fusion's would share the original's state, so the
+    copy is made without Token Fusion's registries, hooked forwards and torch hooks, and Token Fusion is then
+    applied to the copy with the same configuration."""
+    wrapped = hooked_modules(model)
+    for module in wrapped:
+        memo[id(module._diffusers_hook)] = memo[id(module.__dict__["forward"])] = _LEFT_OUT
+    outer = torch_hooks(model)
+    for _, owner in outer:
+        for function in owner.functions:
+            memo[id(function)] = _LEFT_OUT
+    cls = type(model)
+    copied = memo[id(model)] = cls.__new__(cls)  # as copy.deepcopy does, so references to model map to the copy
+    state = {key: value for key, value in model.__getstate__().items() if key not in (_STATE, _DEEPCOPY)}
+    copied.__setstate__(copy.deepcopy(state, memo))
+    for module, forward in wrapped.items():
+        twin = memo[id(module)]
+        del twin.__dict__["_diffusers_hook"], twin.__dict__["forward"]
+        if not is_class_forward(module, forward):
+            twin.forward = copy.deepcopy(forward, memo)  # a wrapper installed before Token Fusion's hooks
+    for module, owner in outer:
+        owner.remove_from_copy(memo[id(module)])
+    apply_token_fusion(copied, getattr(model, _STATE).config)
+    return copied
+
+
+def _reset_compiled(obj: object) -> None:
+    """A compiled model has traced the old hooks: drop its graphs so the next call traces the new ones."""
+    held = [obj] + [getattr(obj, a) for a in ("unet", "transformer") if getattr(obj, a, None) is not None]
+    if any(hasattr(x, "_orig_mod") for x in held):
         torch._dynamo.reset()

@@ -18,32 +18,39 @@ MODULES = ("attn1", "attn2", "ff")
 
 @dataclass(frozen=True)
 class TokenFusionConfig:
-    r"""Configuration of Token Fusion on a Stable Diffusion U-Net.
+    r"""Configuration of Token Fusion (:func:`tofu_sd.apply_token_fusion`; :func:`tofu_sd.apply` takes the same fields
+    as keyword arguments). These field docs are the one place the options are documented (docs/options.md is
+    generated from them).
 
     Args:
         ratio (`float`, defaults to `0.5`):
             Fraction of the tokens removed before self-attention (or each of the ``modules``) in each patched
             block: ``r = int(N * ratio)`` (with ``reduce="kv"``, removed from self-attention's keys and values only).
-            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` patches nothing. Any
-            real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
+            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` hooks nothing: the
+            model stays bit-identical. Any real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
         schedule (`str`, *optional*):
             How each patched block reduces, one letter per block in forward order: ``P`` pruned merging (drop the
             matched sources), ``A`` average merging, ``M`` MLERP merging (mean direction, largest norm). A single
-            letter applies to every block. ``None`` uses the paper's hybrid on a U-Net: ``P`` on the down path,
-            ``M`` after; on a diffusion transformer, ``M`` in every block (see :func:`tofu_sd.dit.default_schedule`).
+            letter applies to every block. ``None`` uses the model family's default: on a U-Net the paper's hybrid,
+            ``P`` on the down path and ``M`` after it (SD 1.x / 2.x: ``PPMMM``); on a diffusion transformer ``M`` in
+            every block (``tofu-sd analyze`` finds no block of the built-in trained DiT far from linear).
         max_downsample (`int`, defaults to `1`):
             Patch the transformer blocks whose resolution is at most this many times lower than the U-Net's
             highest transformer resolution: 1, 2, 4 or 8. ``1`` patches only the highest resolution.
         sx (`int`, defaults to `2`):
-            Width, in tokens, of the cells that each hold one destination token.
+            Width, in tokens, of the cells that each hold one destination token. Columns left over when the
+            grid's width is no multiple of ``sx`` hold sources only.
         sy (`int`, defaults to `2`):
-            Height, in tokens, of the cells that each hold one destination token.
+            Height, in tokens, of the cells that each hold one destination token. Rows left over when the
+            grid's height is no multiple of ``sy`` hold sources only.
         use_rand (`bool`, defaults to `True`):
             Place each cell's destination at a random position (seeded, per block and timestep) rather than at
             the cell's top-left token.
         seed (`int`, *optional*):
             Seed of the destination positions when ``use_rand`` is set. ``None`` means ``0``: runs are
-            reproducible unless a seed is chosen.
+            reproducible unless a seed is chosen. A position is a hash of (seed, block, timestep, cell), so it is the
+            same on every device, for both halves of a classifier-free-guidance batch, and for separate
+            conditional and unconditional calls at one timestep.
         matching (`str`, defaults to `"global"`):
             Where each source token looks for its most similar destination. ``"global"``: among all destinations,
             exactly as ToMe (computed in chunks of source rows, so memory stays O(N)). ``"local"``: among the
@@ -62,11 +69,14 @@ class TokenFusionConfig:
             ``A`` / ``M`` merge them into their destination), with proportional attention: each reduced key's
             logit gains ``log(s)``, ``s`` being the number of tokens it stands for (its destination and the
             sources matched to it; 1 for an unmatched token), so ``s`` identical tokens weigh as they do in
-            full attention. No restore step. A call with its own attention mask is left unreduced.
+            full attention. No restore step. It runs through the attention's own diffusers processor (the
+            reduced tokens as its ``encoder_hidden_states``, the bias as an additive ``attention_mask``), so the
+            attention backend stays the user's; fused QKV projections work too. A call with its own attention
+            mask, or through a PAG processor, is left unreduced. U-Nets and PixArt; refused on SD3 and Flux.
         rematch_every (`int`, defaults to `1`):
             Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
             the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and
-            counts nothing). Steps are counted per thread from the ``timestep`` argument of successive U-Net
+            counts nothing). Steps are counted per thread from the ``timestep`` argument of successive model
             calls (its first element, read on the host: a device sync for a tensor on an accelerator):
 
             - the first call, a call without a timestep, and a call whose timestep is *higher* than the previous
@@ -76,19 +86,20 @@ class TokenFusionConfig:
               classifier-free guidance run separately, or the two evaluations of a second-order sampler (a
               batched CFG call holds both halves in one call).
 
+            A pipeline given to :func:`tofu_sd.apply` also starts a new pipeline call at the start of each of its
+            calls (txt2img, img2img at any strength, inpainting, a refiner's ``denoising_start``, a call after an
+            interrupted one), whatever its first timestep; on a bare model, :func:`tofu_sd.reset_steps` marks one.
+
             Step ``i`` of a pipeline call is a matching step when ``i % rematch_every == 0``: its first call drops
             the stored matchings, and each of its calls matches and stores its own. At the other steps a call
             takes, for each block, the matching stored for the same block, grid, batch size, device, dtype and
             position of the call in its step, and matches (and stores) its own if there is none, e.g. after a
-            change of image size. Only the first :data:`~tofu_sd.hooks.MAX_CALLS_PER_STEP` calls of a step store
-            theirs. So at most one matching per block, shape and position is kept, from the last matching step
-            on; it stays until the next pipeline call's first step (or :func:`~tofu_sd.remove`). A pipeline
-            call that starts at the timestep where the previous one ended (or lower) continues its step count:
-            a single-step sampler (every call at one timestep) then matches at every call, as with ``1``.
-            In a U-Net compiled whole with ``torch.compile`` every call matches: the count is host state that a
-            graph could only branch on through a graph break or a recompile per step. With only the transformer
-            blocks compiled (the U-Net itself eager), matchings are reused, through two graphs per block
-            (matching and reusing).
+            change of image size. Only the first four calls of a step store theirs. So at most one matching per
+            block, shape and position is kept, from the last matching step on; it stays until the next pipeline
+            call's first step (or :func:`~tofu_sd.remove`). Without a marked start, a pipeline call that starts at
+            the timestep where the previous one ended (or lower) continues its step count. The step count is kept
+            on the host, outside compiled graphs, so a compiled model (whole or by blocks) reuses matchings too,
+            through two graphs per block (matching and reusing).
         modules (`tuple[str, ...]`, defaults to `("attn1",)`):
             Which sub-modules of each patched ``BasicTransformerBlock`` run on the reduced tokens, by diffusers'
             names: ``"attn1"`` (self-attention), ``"attn2"`` (cross-attention), ``"ff"`` (feed-forward), or any
@@ -101,9 +112,10 @@ class TokenFusionConfig:
             and restored as with ``"tokens"``. With diffusers' feed-forward chunking (a block's
             ``set_chunk_feed_forward``), batch chunks (``dim=0``) are reduced row by row; sequence chunks
             (``dim=1``) cannot be (merging needs every token), so ``ff`` then runs unreduced. A block without
-            cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce attention only.
+            cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce around the
+            attentions their family names (leave ``modules`` at its default there).
         blocks (`str` or `tuple[int, ...]`, *optional*):
-            Which blocks of a diffusion transformer (SD3, PixArt, Flux; see :mod:`tofu_sd.dit`) are patched, by
+            Which blocks of a diffusion transformer (SD3, PixArt, Flux; see :mod:`tofu_sd.families`) are patched, by
             index in forward order (Flux: its double-stream blocks, then its single-stream blocks): a tuple of
             ints, or a string of indices and inclusive ranges, e.g. ``"0-11"`` or ``"0-3,8,20-23"``. ``None``
             patches every block. Only for diffusion transformers: U-Nets choose their blocks by resolution
@@ -180,10 +192,9 @@ class TokenFusionConfig:
                     "A (average) or M (MLERP), one per patched block or a single letter for all."
                 )
 
-    def resolve_schedule(self, block_names: list[str], on_down_path: list[bool]) -> str:
-        """The schedule as one upper-case letter per patched block; raises if its length does not fit."""
-        if self.schedule is None:
-            return "".join("P" if down else "M" for down in on_down_path)
+    def resolve_schedule(self, block_names: list[str]) -> str:
+        """The given schedule as one upper-case letter per patched block; raises if its length does not fit.
+        (``schedule=None`` is the model family's default, see :meth:`tofu_sd.Family.default_schedule`.)"""
         schedule = self.schedule.upper()
         if len(schedule) == 1:
             return schedule * len(block_names)

@@ -1,0 +1,154 @@
+"""What Token Fusion needs to know about one family of models, and nothing else: :class:`Family`.
+
+An adapter says where a model's patchable blocks are (:class:`Site`), how a call's token grid and timestep are
+found, which sub-modules of a block run on reduced tokens and how (:class:`Part`), how rotary positions follow
+their tokens, which options the family supports and which schedule it takes by default. Everything else (call
+state, matching, reduce / restore, key / value reduction, removal, deep copies, compile, threads) is written once,
+in :mod:`tofu_sd.install` and the hook modules. Families are registered per model class
+(:func:`tofu_sd.register_family`).
+
+The defaults of :class:`Family` are those of a diffusion transformer: every block patched unless ``blocks``
+chooses others, one token grid per model call (read by a hook on the model itself, outside any compiled graph),
+MLERP merging (``M``) in every block, ``max_downsample`` and ``modules`` refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..arguments import argument
+from ..config import TokenFusionConfig, parse_blocks
+from ..reducing import check_key_value_attention
+
+#: How a :class:`Part` runs on reduced tokens.
+PART_KINDS = ("tokens", "kv", "single")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A sub-module of a patched block that runs on reduced tokens.
+
+    ``kind``: ``"tokens"`` (on the reduced tokens of its ``hidden_states``, output restored), ``"kv"`` (every
+    token a query, the reduced tokens as keys and values) or ``"single"`` (the image part of a ``[text, image]``
+    sequence reduced and restored). ``chunks``: it may be called on batch chunks (a U-Net's feed-forward);
+    ``key_mask``: a mask over its keys alone is kept (a cross-attention's)."""
+
+    name: str  #: the sub-module's name under the block, e.g. ``attn1``, ``attn``, ``ff``
+    kind: str = "tokens"
+    chunks: bool = False
+    key_mask: bool = False
+
+
+@dataclass(frozen=True)
+class Site:
+    """One patchable block of a model and where it sits."""
+
+    name: str  #: qualified module name, e.g. ``transformer_blocks.3``
+    block: torch.nn.Module
+    #: the module whose call carries the block's token grid (a U-Net's ``Transformer2DModel``; a diffusion
+    #: transformer itself); its grid is read by :meth:`Family.grid`
+    grid_module: torch.nn.Module
+    attentions: tuple[str, ...] = ()  #: the block's attentions that a diffusion transformer reduces around
+    downsample: int = 1  #: resolution factor relative to the model's input (U-Nets: 1, 2, 4, ...)
+    on_down_path: bool = False  #: in a U-Net's ``down_blocks``
+    single_stream: bool = False  #: its attention sees ``[text, image]`` (its ``encoder_hidden_states`` is the text)
+
+
+class Family:
+    """The adapter of one family of models. Subclasses set the class attributes and :meth:`sites` and
+    :meth:`grid`; the other methods have a diffusion transformer's defaults."""
+
+    #: The family's name in messages and docs, e.g. ``"SD3"``.
+    name: str = ""
+    #: The pipeline attribute that holds such a model: ``"unet"`` or ``"transformer"``.
+    pipeline_attribute: str = "transformer"
+    #: Position of ``timestep`` in the model's ``forward``, and what the model multiplies it by (the partition's
+    #: key is the timestep as the model scales it, so the same step gets the same partition in every family).
+    timestep_index: int = 1
+    timestep_scale: float = 1.0
+    #: The query / key norms of a reduced attention that rotate per kept token, ``(name, is_text)``; empty for
+    #: families without rotary positions.
+    rotary_norms: tuple[tuple[str, bool], ...] = ()
+    #: Why ``reduce="kv"`` is refused, or ``None`` if the family supports it.
+    key_value_refusal: str | None = "its attention does not take keys and values apart from its queries"
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        """Every patchable block of ``model``, in forward order."""
+        raise NotImplementedError
+
+    def grid(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """The token grid ``(h, w)`` of a call of a site's ``grid_module``, or ``None`` (nothing is reduced)."""
+        raise NotImplementedError
+
+    def timestep(self, args: tuple, kwargs: dict):
+        """The call's timestep, scaled as the model scales it."""
+        timestep = argument(args, kwargs, self.timestep_index, "timestep")
+        if timestep is not None and self.timestep_scale != 1:
+            timestep = timestep * self.timestep_scale
+        return timestep
+
+    def select(self, sites: list[Site], config: TokenFusionConfig) -> list[Site]:
+        """The sites ``config`` patches: those ``config.blocks`` names by index (``None``: all)."""
+        indices = parse_blocks(config.blocks)
+        if indices is None:
+            return sites
+        bad = [i for i in indices if i >= len(sites)]
+        if bad:
+            listing = "\n".join(f"  {i}: {site.name}" for i, site in enumerate(sites))
+            raise ValueError(
+                f"blocks={config.blocks!r} names block(s) {', '.join(map(str, bad))}, but the model has "
+                f"{len(sites)} patchable blocks (0 to {len(sites) - 1}), in forward order:\n{listing}"
+            )
+        return [sites[i] for i in indices]
+
+    def default_schedule(self, sites: list[Site]) -> str:
+        """MLERP merging (``M``) in every block: ``tofu-sd analyze`` on the built-in trained DiT finds no block far
+        from linear (README, diffusion transformers). Real SD3 / Flux weights were not analysed."""
+        return "M" * len(sites)
+
+    def check(self, model: torch.nn.Module, sites: list[Site], config: TokenFusionConfig) -> None:
+        """Raise ``ValueError`` for an option or a module that the family cannot patch as ``config`` asks."""
+        if config.max_downsample != 1:
+            raise ValueError(
+                f"max_downsample={config.max_downsample} only means something for U-Nets (their lower-resolution "
+                f"blocks); a {self.name} transformer has one token grid: choose its blocks with `blocks` instead."
+            )
+        default_modules = next(f.default for f in fields(config) if f.name == "modules")
+        if config.modules != default_modules:
+            raise ValueError(
+                f"modules={config.modules!r} chooses sub-modules of U-Net blocks; on a {self.name} transformer "
+                "Token Fusion reduces around each patched block's attention only: leave modules at its default."
+            )
+        if config.reduce == "kv" and self.key_value_refusal is not None:
+            raise ValueError(
+                f"reduce='kv' is not supported for {self.name} transformers yet: {self.key_value_refusal}; use "
+                "reduce='tokens'."
+            )
+        for site in sites:
+            for part in self.parts(site, config):
+                attn = site.block.get_submodule(part.name)
+                self.check_attention(f"{site.name}.{part.name}", attn)
+                if part.kind == "kv":
+                    check_key_value_attention(f"{site.name}.{part.name}", attn)
+
+    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
+        """Raise ``ValueError`` if the attention ``name`` has a processor the family's hooks do not work with."""
+
+    def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
+        """The sub-modules of ``site``'s block that run on reduced tokens: each of its attentions."""
+        if site.single_stream:
+            return [Part(name, "single") for name in site.attentions]
+        kind = "kv" if config.reduce == "kv" else "tokens"
+        return [Part(name, kind) for name in site.attentions]
+
+
+def latent_grid(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """The patch grid of a call whose ``hidden_states`` is a ``(B, C, H, W)`` latent cut into ``patch_size``
+    patches (SD3, PixArt): ``(H // p, W // p)``; ``None`` for another input."""
+    x = argument(args, kwargs, 0, "hidden_states")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        return None
+    p = model.config.patch_size
+    return x.shape[-2] // p, x.shape[-1] // p
