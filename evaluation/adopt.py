@@ -14,9 +14,9 @@ from pathlib import Path
 
 import prompts
 
-from .errors import EvaluationError
+from .errors import EvaluationError, listed
 from .images import TEXT_KEYS, image_text, parse_image_name, read_png
-from .rundir import MANIFEST, listed, now
+from .manifest import MANIFEST, now
 from .sampling import MAX_PER_CLASS
 
 #: What this call gives and no image records: adopted as given, unverified.

@@ -95,14 +95,20 @@ def _reduction(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofu-sd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_evaluate(sub)
+    _add_analyze(sub)
+    _add_bench(sub)
+    return parser
 
-    from .analyze import AnalyzeConfig
-    from .generate import GenerateConfig
+
+def _add_generate(sub) -> None:
+    from .generate_config import GenerateConfig
     from .methods import METHODS
 
     gen = sub.add_parser("generate", help="generate images over class prompts for each method, same seeds")
     gen.add_argument("--out", required=True, help="run directory, e.g. runs/sd15")
-    gen.add_argument("--methods", default="full,tome,tofu", help=f"comma-separated, any of: {', '.join(METHODS)}; <method>@<ratio> for one ratio (tofu@0.3). full is the unpatched model, tome the tomesd package, tofu-local tofu with local matching, todo token downsampling, catome needs ca-tome; +ff / +attn2: the feed-forward / cross-attention on the reduced tokens too (tome+mlp, tome+ca+mlp: tomesd's merge_mlp, merge_crossattn); deepcache@N DeepCache computing the deep blocks once every N steps (an integer >= 2; deepcache is deepcache@3); deepcache+tofu, deepcache+tofu-kv, deepcache+tofu+ff: DeepCache around that tofu variant, @<ratio> its ratio, at --cache-interval")
+    gen.add_argument("--methods", default="full,tome,tofu", help=f"comma-separated, any of: {', '.join(METHODS)}; <method>@<ratio> for one ratio (tofu@0.3). full is the unpatched model, tome the tomesd package, tofu-local tofu with local matching, todo token downsampling, catome needs ca-tome; +ff / +attn2: the feed-forward / cross-attention on the reduced tokens too (tome+mlp, tome+ca+mlp: tomesd's merge_mlp, merge_crossattn); deepcache@N DeepCache computing the deep blocks once every N steps (an integer >= 2; deepcache is deepcache@3); deepcache+tofu, deepcache+tofu-kv, deepcache+tofu+ff: DeepCache around that tofu variant, @<ratio> its ratio, at --cache-interval; on diffusion transformers only, diffusers' step caches: fbcache@T (First Block Cache, threshold T, default 0.05), taylorseer@N and taylorseer-lite@N (TaylorSeer, full and lite mode, cache interval N >= 2, default 5), magcache@T (MagCache, threshold T, default 0.06), pab@N (Pyramid Attention Broadcast, attention computed once every N >= 2 steps, default 2), fastercache (FasterCache, diffusers' defaults), and <cache>+tofu (that cache at its default with tofu, @<ratio> tofu's ratio)")
     gen.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call of each method too")
     gen.add_argument("--adopt", action="store_true", help="the run's manifest.json is lost: rebuild it from its images' metadata, checked against these options")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,9 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reduction_options(gen)
     _add_cache_interval(gen)
 
+
+def _add_evaluate(sub) -> None:
+    from .methods import REFERENCE
+
     ev = sub.add_parser("evaluate", help="FID / LPIPS / MS-SSIM of each method against the reference; writes a report")
     ev.add_argument("run", help="run directory made by `tofu-sd generate`")
-    ev.add_argument("--reference", default="full", help="method the others are compared with (full)")
+    ev.add_argument("--reference", default=REFERENCE, help=f"method the others are compared with ({REFERENCE})")
     ev.add_argument("--fid-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth (else torch hub cache)")
     ev.add_argument("--lpips-weights", default=None, help="local alexnet-owt-7be5be79.pth (else torch hub cache)")
     ev.add_argument("--device", default="auto", help="device for the metric networks")
@@ -120,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
     ev.add_argument("--compare", default=None, metavar="A:B,...", help="also compare these pairs of methods in the paired test, e.g. of equal cost at different ratios: tofu-kv@0.75:tome@0.5 (methods are always compared within a ratio)")
     ev.add_argument("--cost", default=None, metavar="BENCH.json[,BENCH2.json]", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it. Several benches (comma-separated, e.g. one at 512 px and one at 1024 px) give their sizes side by side; they must have timed the same arch, batch and options")
+
+
+def _add_analyze(sub) -> None:
+    from .analyze import AnalyzeConfig
+
     an = sub.add_parser("analyze", help="functional linearity (paper Eq. 8) per block; proposes a P/M schedule",
                         description="Every U-Net (or diffusion-transformer) call of the sampling is measured, with the same seeds as generate.")  # fmt: skip
     an.add_argument("--out", required=True, help="folder for fl.json and fl.png")
@@ -131,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sampling_options(an, AnalyzeConfig)
     _add_reduction_options(an, measured=True)
+
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="time one denoising step per method (generate's names), and an oracle")
     bench.add_argument(
         "--arch", default="sd15", type=lambda a: ARCH_ALIASES.get(a, a), choices=ARCHS,
@@ -168,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_interval(bench)
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--smoke", action="store_true", help="seconds-long check on the tiny-random U-Net (for CI)")
-    return parser
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -204,7 +221,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateConfig, generate
+    from .generate import generate
+    from .generate_config import GenerateConfig
     from .methods import parse_methods, ratios_of
     from .processes import is_main_process
 
@@ -224,7 +242,8 @@ def _generate(args: argparse.Namespace) -> int:
     for method in config.methods:
         stats = manifest["methods"][method]
         per_image = stats["seconds"] / stats["images_timed"] if stats["images_timed"] else float("nan")
-        print(f"{method}: {per_image:.3f} s/img, peak {stats['peak_mem_bytes'] / 2**30:.2f} GB ({stats.get('peak_mem_kind', '-')})")
+        blocks = f", {stats['block_calls_per_image']:g} block calls/img" if "block_calls_per_image" in stats else ""
+        print(f"{method}: {per_image:.3f} s/img, peak {stats['peak_mem_bytes'] / 2**30:.2f} GB ({stats.get('peak_mem_kind', '-')}){blocks}")
     print(f"images in {Path(args.out)}; next: tofu-sd evaluate {args.out}")
     return 0
 
@@ -242,7 +261,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analyze import DEFAULT_THRESHOLD, AnalyzeConfig, analyze, format_summary
+    from .analyze import AnalyzeConfig, analyze, format_summary
+    from .linearity import DEFAULT_THRESHOLD
 
     config = AnalyzeConfig(
         **_sampling_options(args), out=args.out, reduction=_reduction(args), all_blocks=args.all_blocks,

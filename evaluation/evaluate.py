@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EvaluationError, MetricUnavailable
-from .rundir import load_manifest, missing_manifest_message
+from .errors import EvaluationError, MetricUnavailable, listed
+from .manifest import load_manifest, missing_manifest_message
+from .methods.registry import REFERENCE, REGISTRY
 from .metrics import (
     ClassifierFrechetDistance,
     FrechetInceptionDistance,
@@ -24,12 +25,12 @@ from .metrics import (
 )
 from .models import resolve_device
 from .paired import paired_comparisons, parse_pairs
-from .pareto import bench_cost, pareto_data
+from .pareto import STEP_DEFAULTS, bench_cost, pareto_data
 
 
 @dataclass
 class EvaluateOptions:
-    reference: str = "full"
+    reference: str = REFERENCE
     fid_weights: str | None = None
     lpips_weights: str | None = None
     device: str = "auto"
@@ -76,8 +77,7 @@ def image_sets(run_dir: Path, reference: str) -> tuple[list[str], dict[str, list
         missing_ref = sorted(set(names[method]) - ref_names)
         for what, missing in ((f"{method} lacks", missing_here), (f"{reference} lacks", missing_ref)):
             if missing:
-                shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-                problems.append(f"  {what} {len(missing)} image(s) of the other: {shown}")
+                problems.append(f"  {what} {len(missing)} image(s) of the other: {listed(missing)}")
     if problems:
         raise EvaluationError(
             "methods do not pair up image for image (same class and sample):\n" + "\n".join(problems)
@@ -131,21 +131,21 @@ def _run_ratios(manifest: dict, methods: list[str]) -> dict[str, float | None]:
 
 
 def _step_options(manifest: dict, methods: list[str]) -> dict[str, dict]:
-    """The options each method ran with that set its step time besides its name: the run's ``rematch_every`` for
-    ToFu's methods, a ``deepcache+`` name's ``cache_interval`` (a ``deepcache@N`` name holds its own), and the
-    run's ``max_downsample`` for every method that patches a U-Net's levels (all but ``full`` and ``deepcache``)."""
+    """The options each method ran with that set its step time besides its name: the run's tofu_sd options that
+    its entry names (:attr:`~evaluation.methods.base.Method.step_options`: ToFu's ``rematch_every``, the
+    ``max_downsample`` of the methods that patch a U-Net's levels) and the name's own :class:`MethodOptions`
+    (``takes``: a ``deepcache+`` name's ``cache_interval``; a ``deepcache@N`` name holds its own). A name that is
+    no entry of the registry has none."""
     reduction = manifest.get("config", {}).get("reduction") or {}
-    rematch, levels = reduction.get("rematch_every", 1), reduction.get("max_downsample", 1)
     out = {}
     for m in methods:
+        entry = REGISTRY.get(m.partition("@")[0])
+        if entry is None:
+            out[m] = {}
+            continue
         params = (manifest["methods"].get(m) or {}).get("params") or {}
-        family = m.partition("@")[0]
-        own = {"rematch_every": rematch} if "tofu" in family else {}
-        if family not in ("full", "deepcache"):
-            own["max_downsample"] = levels
-        if family.startswith("deepcache+"):
-            own["cache_interval"] = params.get("cache_interval")
-        out[m] = own
+        out[m] = {key: reduction.get(key, STEP_DEFAULTS[key]) for key in entry.step_options}
+        out[m].update({key: params.get(key) for key in entry.takes})
     return out
 
 

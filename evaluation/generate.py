@@ -1,8 +1,9 @@
 """Batch generation over class prompts (ImageNet, or the built-in model's shapes) for several methods, same seeds.
 
 :func:`generate` fills a run directory (:mod:`evaluation.rundir`: layout, manifest, binding, lock, pending
-work). It is resumable: finished images are skipped (a damaged one is made again), every PNG is written to a
-temporary name and renamed, and the manifest is rewritten (atomically) after every batch.
+work) as its options say (:class:`~evaluation.generate_config.GenerateConfig`). It is resumable: finished
+images are skipped (a damaged one is made again), every PNG is written to a temporary name and renamed, and the
+manifest is rewritten (atomically) after every batch.
 
 Several processes (``accelerate launch`` on GPUs, ``torchrun`` on CPUs, :mod:`evaluation.processes`) share a
 run: process 0 lists the pending batches, they are split between the processes, which go through them in
@@ -16,73 +17,23 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
-from tofu_sd import TokenFusionConfig
-
+from .block_calls import counting
 from .errors import EvaluationError
 from .files import is_disk_full
+from .generate_config import GenerateConfig
 from .images import image_name, image_text, save_png_atomic
+from .manifest import MANIFEST
 from .memory import PeakMemory
-from .methods import MethodOptions, method_applied, parse_methods
-from .methods.base import DEFAULT_CACHE_INTERVAL
-from .models import (
-    TINY_SD3, call_kwargs, check_available, check_methods, load_pipeline, refuse_unet_only, resolve_device, resolve_dtype,
-)  # fmt: skip
+from .methods import method_applied
+from .methods.magcache_calibration import Calibration, calibrating
+from .models import call_kwargs, check_methods, load_pipeline, resolve_device, resolve_dtype
 from .processes import Processes, ProcessesLost, Signals, describe
-from .rundir import MANIFEST, Plan, RunDir, Unit, disk_full
-from .sampling import SamplingOptions, image_seed
-
-
-@dataclass(kw_only=True)
-class GenerateConfig(SamplingOptions):
-    """Options of ``tofu-sd generate``: the sampling options (:class:`~evaluation.sampling.SamplingOptions`), and
-
-    Args:
-        out: the run directory.
-        methods: method names (``full``, ``tome``, ``tofu@0.3``, ...), as :func:`evaluation.methods.parse_methods`
-            gives them.
-        reduction: the token-reduction options of every reducing method (a name's ``@ratio`` replaces its ratio).
-        cache_interval: DeepCache's interval in the ``deepcache+<tofu>`` methods (an integer >= 2; ``deepcache@N``
-            has its own); recorded in their parameters.
-        warmup: one untimed call per method first, so one-time costs stay out of the timing.
-        adopt: rebuild a lost manifest from the images in ``out`` (:mod:`evaluation.adopt`).
-    """
-
-    out: str
-    methods: list[str]
-    per_class: int = 2
-    DEFAULT_STEPS: ClassVar[int] = 50  #: ``steps`` of a model without its own (``tiny-sd3``: 20)
-    reduction: TokenFusionConfig = field(default_factory=TokenFusionConfig)
-    cache_interval: int = DEFAULT_CACHE_INTERVAL
-    warmup: bool = True
-    adopt: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not str(self.out):
-            raise EvaluationError("--out must name a folder")
-        if not isinstance(self.reduction, TokenFusionConfig):
-            raise EvaluationError(f"reduction must be a TokenFusionConfig, got {type(self.reduction).__name__}")
-        self.method_options  # noqa: B018 - checks cache_interval
-        if not isinstance(self.methods, (list, tuple)) or not all(isinstance(m, str) for m in self.methods):
-            raise EvaluationError(f"methods must be a list of method names, got {self.methods!r}")
-        normal = parse_methods(",".join(self.methods), None, self.reduction)
-        if normal != list(self.methods):
-            raise EvaluationError(f"methods {list(self.methods)} are not in normal form; give {normal}")
-        self.methods = list(self.methods)
-        check_available(self.model)
-        if self.model == TINY_SD3:  # a diffusion transformer, known before it is loaded (others: after, in generate)
-            refuse_unet_only(self.methods, self.model)
-
-    @property
-    def method_options(self) -> MethodOptions:
-        """The options of the methods besides ``reduction`` (:class:`~evaluation.methods.MethodOptions`)."""
-        return MethodOptions(cache_interval=self.cache_interval)
+from .rundir import Plan, RunDir, Unit, disk_full
+from .sampling import image_seed
 
 
 def _stderr(message: str) -> None:
@@ -124,13 +75,22 @@ def _generate(config: GenerateConfig, procs: Processes, stack: contextlib.ExitSt
     return _Rounds(procs, run, maker, plan).go(stack, progress)
 
 
+#: The job (class, sample) of MagCache's calibration call (:mod:`evaluation.methods.magcache_calibration`): fixed, so every
+#: process and every call of a run calibrates alike, whichever classes it makes.
+CALIBRATION_JOB = (0, 0)
+
+
 class _Maker:
-    """Makes this process's units: every method's images of a batch, timed, and saves the missing ones."""
+    """Makes this process's units: every method's images of a batch, timed, and saves the missing ones. On a
+    diffusion transformer it also counts the blocks and attentions each method runs (:mod:`evaluation.block_calls`),
+    in the timed call; and it calibrates MagCache where diffusers has no ratios for the model, with one untimed call
+    on :data:`CALIBRATION_JOB` at the run's options."""
 
     def __init__(self, config: GenerateConfig, pipe, device: torch.device, plan: Plan) -> None:
         self.config, self.pipe, self.device, self.height, self.width = config, pipe, device, plan.height, plan.width
         self.memory = PeakMemory(device)
         self.warmed: set[str] = set()
+        self.calibration = Calibration(lambda steps: self.run_pipe([CALIBRATION_JOB], steps))
 
     def run_pipe(self, batch: list[tuple[int, int]], steps: int) -> list:
         # The global RNG is seeded per batch: tomesd draws its random partition from a copy of it, so ToMe's
@@ -150,6 +110,10 @@ class _Maker:
             ).images
 
     def make(self, unit: Unit, report: dict) -> None:
+        with calibrating(self.calibration):
+            self._make(unit, report)
+
+    def _make(self, unit: Unit, report: dict) -> None:
         batch, config = unit.batch, self.config
         for method, missing in unit.missing:  # interleaved, so slow drifts of the machine hit every method alike
             applied = lambda method=method: method_applied(self.pipe, method, config.reduction, config.method_options)  # noqa: E731
@@ -157,7 +121,7 @@ class _Maker:
                 with applied():  # one-time costs (allocator, kernels) stay out of the timing
                     self.run_pipe(batch, 1)
                 self.warmed.add(method)
-            with applied(), self.memory.measure() as peak:
+            with applied(), counting(self.pipe) as count, self.memory.measure() as peak:
                 t0 = time.perf_counter()
                 images = self.run_pipe(batch, config.steps)
                 seconds = time.perf_counter() - t0
@@ -169,6 +133,10 @@ class _Maker:
             stats["images_timed"] += len(batch)
             stats["peak_mem_bytes"] = max(stats["peak_mem_bytes"], peak.bytes)
             stats["peak_mem_kind"] = self.memory.kind
+            if count is not None:  # a diffusion transformer: the blocks and attentions run, weighted by batch rows
+                stats["block_calls"] = stats.get("block_calls", 0) + count.blocks
+                stats["attention_calls"] = stats.get("attention_calls", 0) + count.attentions
+                stats["images_counted"] = stats.get("images_counted", 0) + len(batch)
             report["images"] += len(missing)
 
     def save(self, method: str, job: tuple[int, int], image) -> None:

@@ -95,7 +95,7 @@ def joint_query_attention(
 
     Rotary embeddings (Flux), each a ``(cos, sin)`` pair as diffusers' ``apply_rotary_emb`` takes them:
     ``context_rotary`` ``(N, D)`` and ``added_rotary`` ``(T, D)`` rotate the keys, ``query_rotary`` ``(B, M, D)``
-    the queries, one position per query (the batch is folded into the sequence, as :class:`tofu_sd.dit_hooks.RotaryHook`
+    the queries, one position per query (the batch is folded into the sequence, as :class:`tofu_sd.reducing.RotaryHook`
     does). Passing a query at its own position with the real streams gives that token's real attention output.
 
     Calling ``attn`` itself with the queries as ``hidden_states`` would not do: their keys and values would join

@@ -1,9 +1,10 @@
 """Loading the pipeline to generate with: a hub id, a local folder, or a built-in offline one (``tiny``, a U-Net;
 ``tiny-sd3``, a diffusion transformer); what each model needs in its calls; which methods a pipeline can run.
 
-A pipeline is either a U-Net Stable Diffusion (SD 1.x, 2.x, SDXL), on which every method runs, or a diffusion
-transformer that :mod:`tofu_sd.dit` supports (SD3 / SD3.5, PixArt, Flux), on which Token Fusion through
-``tofu_sd.apply`` and the oracle run, and not the other packages' methods (:func:`check_methods`).
+A pipeline is either a U-Net Stable Diffusion (SD 1.x, 2.x, SDXL), on which every method runs but diffusers' step
+caches, or a diffusion transformer of a family that :mod:`tofu_sd.families` adapts (SD3 / SD3.5, PixArt, Flux), on
+which Token Fusion through ``tofu_sd.apply``, the oracle and diffusers' step caches run, and not the other
+packages' methods (:func:`check_methods`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from tofu_sd.families import supported
+
 from .errors import EvaluationError
+from .families import transformer_and_family
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"  # the built-in model trained on coloured shapes (evaluation/shapes/model), offline
@@ -180,11 +184,9 @@ def _check_supported(model: str, pipe) -> None:
     """EvaluationError unless ``pipe`` has a U-Net or a transformer that tofu_sd supports."""
     if getattr(pipe, "unet", None) is not None:
         return
-    from tofu_sd import dit
-
     if is_transformer_pipeline(pipe):
         try:
-            dit.unwrap_transformer(pipe)
+            transformer_and_family(pipe)
             return
         except ValueError:
             has = f"a {type(pipe.transformer).__name__}"
@@ -192,7 +194,7 @@ def _check_supported(model: str, pipe) -> None:
         has = "neither a U-Net nor a transformer"
     raise EvaluationError(
         f"--model {model!r} is a {type(pipe).__name__} with {has}; token reduction here supports U-Net Stable "
-        f"Diffusion models (SD 1.x, 2.x, SDXL) and the diffusion transformers of tofu_sd.dit ({dit.SUPPORTED})."
+        f"Diffusion models (SD 1.x, 2.x, SDXL) and the model families that tofu_sd adapts: {supported()}."
     )
 
 
@@ -239,25 +241,48 @@ def refuse_unet_only(methods, model: str, option: str = "--model", works=None) -
         )
 
 
+def transformer_only_reasons(methods) -> list[tuple[str, str]]:
+    """``(name, why)`` for each of ``methods`` that runs on diffusion transformers only (``Method.transformer_only``)."""
+    from .methods import parse_name
+
+    return [(m, why) for m in methods if (why := parse_name(m).method.transformer_only) is not None]
+
+
+def refuse_transformer_only(methods, model: str, option: str = "--model") -> None:
+    """EvaluationError if a method of ``methods`` runs only on diffusion transformers (diffusers' step caches:
+    fbcache, pab, ...), for a U-Net ``model``, named as ``<option> <model>`` in the message, which lists what
+    runs on U-Nets instead."""
+    from .methods import REGISTRY
+
+    refused = transformer_only_reasons(methods)
+    if refused:
+        reasons = {why for _, why in refused}
+        works = [name for name, method in REGISTRY.items() if method.runs_on_unets]
+        raise EvaluationError(
+            f"{option} {model} is a U-Net, and {', '.join(m for m, _ in refused)} run{'s' if len(refused) == 1 else ''} "
+            f"on diffusion transformers only ({'; '.join(sorted(reasons))}). On U-Nets give {', '.join(works)}"
+        )
+
+
 def check_methods(pipe, model: str, methods, options, more=None) -> None:
     """EvaluationError, before anything is generated, if ``pipe`` cannot run one of ``methods``: on a diffusion
     transformer the U-Net-only methods (:func:`refuse_unet_only`), and each method that its patch (``tofu_sd.apply``)
     refuses there (``tofu-kv`` on SD3 and Flux, the ``+ff`` / ``+attn2`` variants), found by applying and
-    removing it (``apply`` checks everything before it touches the model). On a U-Net: ``--blocks``, which only
-    diffusion transformers take."""
+    removing it (``apply`` checks everything before it touches the model). On a U-Net: the methods that run on
+    diffusion transformers only (:func:`refuse_transformer_only`), and ``--blocks``, which only diffusion
+    transformers take."""
+    from .methods import REFERENCE, method_applied
+
     if not is_transformer_pipeline(pipe):
-        if getattr(options, "blocks", None) is not None and any(not m.startswith("full") for m in methods):
+        refuse_transformer_only(methods, model)
+        if getattr(options, "blocks", None) is not None and any(m != REFERENCE for m in methods):
             raise EvaluationError(
                 f"--blocks {options.blocks} chooses blocks of a diffusion transformer; --model {model} is a U-Net, "
                 "whose blocks are chosen by resolution: use --max-downsample"
             )
         return
-    from tofu_sd import dit
-
-    from .methods import method_applied
-
     refuse_unet_only(methods, model)
-    arch = type(dit.unwrap_transformer(pipe)).__name__
+    arch = type(transformer_and_family(pipe)[0]).__name__
     for method in methods:
         try:
             with method_applied(pipe, method, options, more):

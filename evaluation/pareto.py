@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import EvaluationError
-from .methods.registry import REGISTRY
+from .methods.registry import REFERENCE, REGISTRY
 from .models import BUILTIN_MODELS
 
 #: Fidelity metrics of the plot: key, label, True if higher is better.
@@ -44,7 +44,7 @@ def _family_and_ratio(name: str, params: dict | None, reduction: dict) -> tuple[
             return family, float(suffix)
         except ValueError:
             return name, None
-    return family, None if family == "full" else reduction.get("ratio")
+    return family, None if family == REFERENCE else reduction.get("ratio")
 
 
 def _uses_run_ratio(method: str) -> bool:
@@ -73,7 +73,7 @@ def read_bench(path: str | Path) -> dict:
         )
     for size, step in steps.items():
         variants = step.get("variants") if isinstance(step, dict) else None
-        if not str(size).isdigit() or not isinstance(variants, dict) or "full" not in variants:
+        if not str(size).isdigit() or not isinstance(variants, dict) or REFERENCE not in variants:
             raise EvaluationError(f"--cost {path}: steps[{size!r}] has no timing of 'full', which the cost is relative to")
         for name, timing in variants.items():
             if not isinstance(timing, dict) or "median_s" not in timing or not timing.get("seconds"):
@@ -85,12 +85,12 @@ def read_bench(path: str | Path) -> dict:
 def step_vs_full(step: dict, name: str) -> float:
     """``name``'s step time relative to ``full``'s in one bench size: the bench's own paired ratio
     (``ratios["<name>/full"]``: median over rounds of name / full), else the same computed from ``seconds``."""
-    if name == "full":
+    if name == REFERENCE:
         return 1.0
     recorded = step.get("ratios", {}).get(f"{name}/full")
     if recorded is not None:
         return float(recorded)
-    rounds = zip(step["variants"][name]["seconds"], step["variants"]["full"]["seconds"])
+    rounds = zip(step["variants"][name]["seconds"], step["variants"][REFERENCE]["seconds"])
     return statistics.median(a / b for a, b in rounds)
 
 
@@ -128,7 +128,7 @@ def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -
 
 #: The bench's options that set a variant's step time besides its name, with their defaults (a bench written
 #: before ``--max-downsample`` existed timed its default, 1: :func:`read_bench` fills it in).
-_STEP_DEFAULTS = {"rematch_every": 1, "cache_interval": 3, "max_downsample": 1}
+STEP_DEFAULTS = {"rematch_every": 1, "cache_interval": 3, "max_downsample": 1}
 
 
 def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str, dict]) -> list[str]:
@@ -137,7 +137,7 @@ def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str
     bench's, which timed every variant with its own."""
     problems = []
     for name in methods:
-        for key, default in _STEP_DEFAULTS.items():
+        for key, default in STEP_DEFAULTS.items():
             mine = (step_options.get(name) or {}).get(key)
             if mine is not None and mine != bench.get(key, default):
                 problems.append(f"  {name}: the run's {key} is {mine}, the bench's {bench.get(key, default)} (--{key.replace('_', '-')})")
@@ -207,11 +207,11 @@ def bench_cost(
 
 def _bench_command(bench: dict, methods: list[str], ratios: dict, step_options: dict | None, source: dict) -> str:
     """The ``tofu-sd bench`` command that would time every method of the run as it ran."""
-    variants = ",".join(dict.fromkeys(["full", *methods]))
+    variants = ",".join(dict.fromkeys([REFERENCE, *methods]))
     unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
     ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
     steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
-             if value is not None and value != _STEP_DEFAULTS[key]}  # fmt: skip
+             if value is not None and value != STEP_DEFAULTS[key]}  # fmt: skip
     out = ",".join(dict.fromkeys(str(path) for path, _, _ in source.values()))
     return (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(bench['steps'])} --variants {variants}"
             f"{ratio}{''.join(sorted(steps))} --json {out}")  # fmt: skip

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from prompts import class_names
 
 from .files import atomic_path, write_json_atomic, write_text_atomic
+from .methods.registry import REGISTRY
 from .models import BUILTIN_MODELS
 from .paired import markdown_lines as paired_markdown
 from .pareto import BENCH_SECONDS, BENCH_X, pareto_figure
@@ -107,15 +108,15 @@ def _notes(config: dict, methods: dict) -> list[str]:
             "features the covariances are singular and the distance is biased upwards: compare it between methods "
             "of the same run (same number of images) only.",
         ]
-    if any(name.partition("@")[0] in ("todo", "catome") for name in methods):
-        lines += [
-            "",
-            "`todo`: ToDo (this project's re-implementation): self-attention takes keys and values from an "
-            "average-pooled token grid, every query stays; its ratio is the fraction of keys removed (`todo`: 2x2 "
-            "pooling, 0.75). `catome`: the ca-tome package (adaptive merging above a similarity threshold, matchings "
-            "cached across steps)."
-        ]
+    if any(_note(name) for name in methods):  # names that the table alone does not explain: every entry's note
+        lines += ["", " ".join(note for note in map(_note, REGISTRY) if note)]
     return lines
+
+
+def _note(name: str) -> str | None:
+    """The report's note on the method of ``name`` (:attr:`~evaluation.methods.base.Method.report_note`)."""
+    entry = REGISTRY.get(name.partition("@")[0])
+    return None if entry is None else entry.report_note
 
 
 def markdown(report: dict) -> str:

@@ -2,106 +2,53 @@
 
 Layout::
 
-    runs/NAME/manifest.json                 configuration, library versions, per-method time and memory
+    runs/NAME/manifest.json                 configuration, library versions, per-method time and memory (and,
+                                            on a diffusion transformer, the blocks and attentions each method
+                                            ran per image: block_calls_per_image, attention_calls_per_image)
     runs/NAME/<method>/<class:04d>_<k>.png  prompt, seed, method and class in the PNG text metadata
 
 A run directory is bound to the options that shape its images once it holds an image: asking for other ones
 is refused rather than mixing images, and an option left out of a call (``--height``, ``--width``) takes the
 run's value. The manifest is written only after the model loaded and the size passed its check, then after
-every round, always atomically; a write that finds the disk full stops the call with :class:`DiskFull`.
+every round, always atomically; a write that finds the disk full stops the call with :class:`DiskFull`. Reading
+the manifest is :mod:`evaluation.manifest`; rebuilding a lost one from the images, :mod:`evaluation.adopt`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-from tofu_sd import TokenFusionConfig, dit
+from tofu_sd import TokenFusionConfig
 
-from .errors import EvaluationError
+from .adopt import adopt
+from .block_calls import add_counts
+from .errors import EvaluationError, listed
+from .families import is_transformer
 from .files import TMP_SUFFIX, is_disk_full, write_json_atomic
-from .images import image_name, image_problem, parse_image_name
+from .generate_config import GenerateConfig
+from .images import image_name, image_problem
+from .manifest import MANIFEST, library_versions, load_manifest, missing_manifest_message, now, run_images
 from .methods import default_letters, method_params, parse_name
 from .models import default_size
 from .sampling import SIZE_MULTIPLE, check_size
 
-if TYPE_CHECKING:
-    from .generate import GenerateConfig
-
-MANIFEST = "manifest.json"
 LOCK = ".generate.lock"  # held by the (main) process generating into a run directory
 # Options that change pixels: a run directory keeps the ones it was started with.
 IMAGE_KEYS = ("model", "prompts", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler")
 SIZE_KEYS = ("height", "width")
-SHOWN = 8  # problems named in a message; the rest are counted
 
 
 class DiskFull(EvaluationError):
     """A write found no space left on the disk; what was written before is kept."""
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("tofu-sd", "torch", "diffusers", "transformers", "tomesd"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def listed(items: list[str], shown: int = SHOWN) -> str:
-    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
-
-
-def load_manifest(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise EvaluationError(
-            f"{path} is unreadable ({error}); it is not a tofu-sd run directory. If its images are tofu-sd's, move "
-            f"{MANIFEST} away and re-run `tofu-sd generate --adopt` with the run's options to rebuild it"
-        ) from error
-
-
-def run_images(run_dir: Path) -> int:
-    """How many files named as tofu-sd names its images ``run_dir`` holds in its folders."""
-    return sum(1 for p in Path(run_dir).glob("*/*.png") if parse_image_name(p.name))
-
-
-def missing_manifest_message(run_dir: Path, command: str) -> str:
-    """Why ``run_dir`` cannot be used without a manifest, and, if it holds images, how to keep them."""
-    count = run_images(run_dir)
-    if not count:
-        then = "choose a new --out" if command == "generate" else "run `tofu-sd generate` first"
-        return f"{run_dir} exists and is not a tofu-sd run directory (no {MANIFEST}); {then}"
-    how = "re-run this command with --adopt" if command == "generate" else (
-        f"run `tofu-sd generate --adopt --out {run_dir}` with the options the images were made with (--model, "
-        "--methods, --seed, --classes, ...), then evaluate again"
-    )
-    return (
-        f"{run_dir} holds {count} images but no {MANIFEST} (it was lost?). To keep the images, {how}: the "
-        "manifest is rebuilt from the images' metadata, checked against the call's options"
-        + (". Or choose a new --out" if command == "generate" else "")
-    )
 
 
 def disk_full(run_dir: Path, error: OSError, methods=(), path: Path | None = None) -> DiskFull:
@@ -217,8 +164,6 @@ class RunDir:
     def open(cls, config, device, dtype, stack: contextlib.ExitStack, log) -> RunDir:
         """Check this call's options against the run's and hold the directory; writes nothing but the lock (and
         a directory it made is removed again if the call fails before writing anything else)."""
-        from .adopt import adopt
-
         path = Path(config.out)
         if path.exists() and not path.is_dir():
             raise EvaluationError(f"--out {path} is a file; give a folder for the run")
@@ -300,7 +245,7 @@ class RunDir:
             return
         recorded = self.manifest["config"].get("default_schedule")
         made = [m for m in methods if run_images_of(self.path, m)]
-        if made and recorded != letters and (recorded is not None or dit.handles(pipe)):
+        if made and recorded != letters and (recorded is not None or is_transformer(pipe)):
             was = recorded or "of a tofu_sd from before 2026-12-01 (P in the first third of the blocks)"
             raise EvaluationError(
                 f"{self.path}: {', '.join(made)} were made with tofu_sd's default schedule {was}; this tofu_sd's "
@@ -354,6 +299,7 @@ class RunDir:
                 stats["images_timed"] += part["images_timed"]
                 stats["peak_mem_bytes"] = max(stats["peak_mem_bytes"], part["peak_mem_bytes"])
                 stats["peak_mem_kind"] = part["peak_mem_kind"]
+                add_counts(stats, part)
         self.session["images"] += made
         self.session["wall_seconds"] = round(time.perf_counter() - self.started, 3)
         if status is not None:

@@ -3,7 +3,7 @@
 :class:`SamplingOptions` holds what a pipeline call needs beyond the method: the model, the prompts (a prompt set
 and its classes, ``per_class`` samples each), the steps, seeds, size, guidance, scheduler, device, dtype and
 batch size. It checks every value that can be checked without loading the model when it is built, so a bad
-option fails before anything is loaded or written. :class:`evaluation.generate.GenerateConfig` and
+option fails before anything is loaded or written. :class:`evaluation.generate_config.GenerateConfig` and
 :class:`evaluation.analyze.AnalyzeConfig` extend it (keyword arguments only).
 """
 

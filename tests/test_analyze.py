@@ -25,7 +25,8 @@ from evaluation.linearity import (
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
 from tofu_sd import TokenFusionConfig
-from tofu_sd.blocks import select_sites, transformer_block_sites
+from evaluation.families import unet_sites
+from tofu_sd.families.unet import transformer_block_sites
 from tofu_sd.reference import bipartite_soft_matching, cell_offsets, partition
 
 # --- Eq. 8 on closed forms ----------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class _Sine(torch.nn.Module):
 
 
 def _patched_sites(pipe):
-    return select_sites(transformer_block_sites(pipe.unet), 1)
+    return unet_sites(pipe.unet, 1)
 
 
 @pytest.fixture

@@ -30,13 +30,13 @@ import tofu_sd
 from evaluation import models
 from evaluation.analyze import (
     AnalyzeConfig,
-    _DiTRecorder,
     analyze,
-    dit_architecture,
     matched_pairs,
 )
+from evaluation.analyze.dit import DiTRecorder
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
+from tofu_sd.families import family_of
 from evaluation.linearity import (
     FUNCTIONS,
     TIMESTEP_GROUPS,
@@ -121,10 +121,10 @@ def test_joint_query_attention_gives_each_image_token_its_own_output():
 def _probe_call(model, inputs, max_pairs=1000):
     """One call of ``model`` under the analysis' hooks: per block, its pairs and what each function recorded,
     ``(function, f, z)``; the FL recording itself is left out."""
-    arch = dit_architecture(model)
+    arch = family_of(model)
     sites = arch.sites(model)
     config = AnalyzeConfig(out="unused", model="tiny-random", classes=[0], steps=1, max_pairs=max_pairs)
-    recorder = _DiTRecorder(model, arch, sites, config, TokenFusionConfig(), 1000)
+    recorder = DiTRecorder(model, arch, sites, config, TokenFusionConfig(), 1000)
     calls = {site.name: [] for site in sites}
     for probe in recorder.probes:
         probe._record = lambda function, f, z, probe=probe: calls[probe.site.name].append((function, f, z, probe.pairs))
@@ -262,7 +262,7 @@ def _set_linearity(pipe, attention_linear, ff_linear):
     """Give each block a linear or wildly non-linear attention and feed-forward: a zero query (uniform attention:
     a constant, FL 1) or ``sin(1e4 q)``; a linear layer or ``sin(1e4 x)`` (Flux single-stream: its act_mlp)."""
     model = pipe.transformer
-    for i, site in enumerate(dit_architecture(model).sites(model)):
+    for i, site in enumerate(family_of(model).sites(model)):
         block = site.block
         if site.single_stream:
             block.act_mlp = torch.nn.Identity() if ff_linear[i] else _Sine()
@@ -281,7 +281,7 @@ def _set_linearity(pipe, attention_linear, ff_linear):
 def test_proposal_on_blocks_whose_linearity_is_known(kind, tmp_path):
     pipe, height = {"sd3": (tiny_sd3_pipeline, None), "pixart": (pixart_pipeline, 96), "flux": (flux_pipeline, 96)}[kind]
     pipe = pipe()
-    n = len(dit_architecture(pipe.transformer).sites(pipe.transformer))  # sd3: 3, pixart: 3, flux: 2 + 2
+    n = len(family_of(pipe.transformer).sites(pipe.transformer))  # sd3: 3, pixart: 3, flux: 2 + 2
     attention_linear = [i % 2 == 1 for i in range(n)]
     ff_linear = [i % 2 == 0 for i in range(n)]
     _set_linearity(pipe, attention_linear, ff_linear)
@@ -294,7 +294,7 @@ def test_proposal_on_blocks_whose_linearity_is_known(kind, tmp_path):
         assert f == pytest.approx(1, abs=1e-5) if ff_linear[i] else f < 0.5, (block["name"], f)
     letters = lambda linear: "".join("M" if x else "P" for x in linear)
     assert result["proposed_schedule"] == letters(attention_linear)
-    assert result["default_schedule"] == tofu_sd.dit.default_schedule(n)
+    assert result["default_schedule"] == "M" * n  # the DiT families' default
     by_ff = analyze(AnalyzeConfig(**{**config.__dict__, "decision": "feed_forward"}), pipe, progress=False)
     assert by_ff["proposed_schedule"] == letters(ff_linear)
 

@@ -24,9 +24,9 @@ from evaluation.cli import main
 from evaluation.dit_archs import DIT_ARCHS, FLUX_DEV, SD3_MEDIUM, DiTArch, image_ids, step_inputs
 from evaluation.errors import EvaluationError
 from evaluation.methods import method_applied
-from evaluation.methods.oracle import ORACLE_HOOK
+from evaluation.methods.strided import ORACLE_HOOK
 from tofu_sd import TokenFusionConfig
-from tofu_sd.dit import grid_from_ids
+from tofu_sd.families.flux import grid_from_ids
 
 VARIANTS = ["full", "tofu", "tofu-A", "oracle"]
 

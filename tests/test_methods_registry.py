@@ -1,6 +1,7 @@
 """The registry of methods: one entry per method, shared by `tofu-sd generate` and `tofu-sd bench`."""
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -21,7 +22,11 @@ def test_every_entry_has_its_parameters_and_a_normal_name():
         assert list(params)[0] == "method" and params["method"] == name and "keys_removed" in params
         if method.parameter.sweeps:
             assert parse_methods(f"{name}@.50") == [f"{name}@0.5"]  # normal form (todo@0.5 is 1x2 pooling)
-        if method.requires is None or method.requires.available():
+        if method.bench_refusal is not None:  # diffusers' step caches: generate only
+            assert parse_methods(name) == [name]
+            with pytest.raises(EvaluationError, match=f"variant {re.escape(name)} cannot be benched: "):
+                parse_variants([name], 0.5)
+        elif method.requires is None or method.requires.available():
             assert parse_variants([name], 0.5) == parse_methods(name) == [name]  # bench and generate: the same names
 
 
@@ -82,6 +87,48 @@ def test_a_new_method_is_one_entry(monkeypatch):
         assert len(stats["first_s"]) == len(stats["rest_s"]) == 2 and stats["first_weight"] == 0.25
         for mean, first, rest in zip(stats["seconds"], stats["first_s"], stats["rest_s"]):
             assert mean == pytest.approx(0.25 * first + 0.75 * rest)
+
+
+def test_each_entry_says_what_the_bench_and_the_report_make_of_it():
+    """The entries' fields hold what the bench, the cost axis and the report once found from the names."""
+    from evaluation.methods.caches import CACHE_NAMES
+
+    for name, method in REGISTRY.items():
+        assert ("rematch_every" in method.step_options) == ("tofu" in name), name
+        assert ("max_downsample" in method.step_options) == (name not in ("full", "deepcache", *CACHE_NAMES)), name
+        assert ("cache_interval" in method.takes) == name.startswith("deepcache+"), name
+        assert ("steps" in method.takes) == name.startswith("magcache"), name  # MagCache's num_inference_steps
+        assert ("guidance_scale" in method.takes) == name.startswith("fastercache"), name
+        caches = name.partition("+")[0] in CACHE_NAMES
+        assert (method.transformer_only is not None) == (method.bench_refusal is not None) == caches, name
+        assert method.targeted == name.startswith("tofu"), name
+        pairs = {"tofu": "reducer", "tofu-local": "reducer", "tome": "baseline", "oracle": "baseline"}
+        assert method.bench_pairs == pairs.get(name), name
+        assert method.bound == (name == "oracle"), name
+        noted = ("todo", "catome", "fbcache", "taylorseer", "magcache", "pab", "fastercache")  # taylorseer's covers -lite
+        assert (method.report_note is not None) == (name in noted), name
+    with pytest.raises(ValueError, match="bench_pairs"):
+        Method("bad", "a test method", None, merged_params, bench_pairs="other")
+
+
+def test_a_new_entry_takes_its_part_in_the_bench_the_cost_and_the_report(monkeypatch):
+    """The comparisons of the bench, the step options of the cost axis and the report's notes come from the entry."""
+    from evaluation.bench.steps import reducer_keys, step_ratios
+    from evaluation.bench.targets import dit_targets
+    from evaluation.evaluate import _step_options
+    from evaluation.report import _notes
+
+    entry = Method("dummy", "a test method", None, merged_params, step_options=("rematch_every",),
+                   bench_pairs="reducer", targeted=True, report_note="`dummy`: a test method.")  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "dummy", entry)
+    results = {v: {"seconds": [1.0, 2.0], "peak_mem_gb": 1.0} for v in ("full", "dummy", "tome", "oracle")}
+    assert reducer_keys(results, 0.5)[::3] == ["dummy/tome", "dummy/oracle"]
+    assert set(step_ratios(results, 0.5)) >= {"dummy/full", "dummy/tome", "dummy/oracle memory"}
+    assert dit_targets(results, 0.5)["dummy"]["time_ok"] is True
+    manifest = {"config": {"reduction": {"max_downsample": 2, "rematch_every": 3}}, "methods": {}}
+    assert _step_options(manifest, ["dummy@0.5"]) == {"dummy@0.5": {"rematch_every": 3}}
+    note = _notes({"reduction": {}}, {"dummy@0.5": {}})[-1]
+    assert note.startswith("`todo`: ToDo") and note.endswith(" `dummy`: a test method.")
 
 
 @pytest.mark.parametrize(

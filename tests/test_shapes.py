@@ -73,23 +73,23 @@ def test_picture_shows_its_colour():
 def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """An interrupted run, started again, ends with the weights of an uninterrupted one."""
     from evaluation import archs
-    from evaluation.shapes import train
+    from evaluation.shapes import trainer as stages
     from evaluation.shapes.classifier_only import retrain_classifier
 
     monkeypatch.setattr(archs, "SHAPES_VAE", {**archs.SHAPES_VAE, "block_out_channels": (16, 16, 16)})
     monkeypatch.setattr(archs, "SHAPES_UNET", {**archs.SHAPES_UNET, "block_out_channels": (16, 32, 32), "attention_head_dim": 2})
-    monkeypatch.setattr(train, "VALIDATION_IMAGES", 96)
+    monkeypatch.setattr(stages, "VALIDATION_IMAGES", 96)
     torch.set_num_threads(1)  # bit-exact comparisons between runs
     small = dict(images=96, vae_steps=3, vae_batch=4, unet_steps=4, unet_batch=4, classifier_steps=2, checkpoint_every=2)
 
     def run(name, **fail_at):
-        config = train.TrainConfig(work_dir=str(tmp_path / name), out=str(tmp_path / f"{name}_model"), **small)
-        trainer = train.Trainer(config, progress=False)
+        config = stages.TrainConfig(work_dir=str(tmp_path / name), out=str(tmp_path / f"{name}_model"), **small)
+        trainer = stages.Trainer(config, progress=False)
         trainer.run()
         return trainer
 
     full = run("full")
-    real_loop = train.Trainer._loop
+    real_loop = stages.Trainer._loop
 
     def interrupted_loop(self, stage, modules, optimizer, steps, step_fn, *args, **kwargs):
         def failing(step):
@@ -99,10 +99,10 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
         return real_loop(self, stage, modules, optimizer, steps, failing, *args, **kwargs)
 
-    monkeypatch.setattr(train.Trainer, "_loop", interrupted_loop)
+    monkeypatch.setattr(stages.Trainer, "_loop", interrupted_loop)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
-    monkeypatch.setattr(train.Trainer, "_loop", real_loop)
+    monkeypatch.setattr(stages.Trainer, "_loop", real_loop)
     resumed = run("resumed")
     for a, b in zip(full.unet.state_dict().values(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b)
@@ -117,7 +117,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     model = tmp_path / "full_model"
     before = load_classifier(model).state_dict()
     (model / "classifier.safetensors").unlink()
-    config = train.TrainConfig(work_dir=str(tmp_path / "again"), out=str(model), **small)
+    config = stages.TrainConfig(work_dir=str(tmp_path / "again"), out=str(model), **small)
     retrain_classifier(config, progress=False)
     for name, value in load_classifier(model).state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -126,15 +126,15 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert summary["config"]["classifier_steps"] == small["classifier_steps"]
     assert (model / "loss_classifier.png").is_file() and (model / "unet" / "config.json").is_file()
     with pytest.raises(SystemExit, match="no finished model"):
-        retrain_classifier(train.TrainConfig(work_dir=str(tmp_path / "x"), out=str(tmp_path / "none")), progress=False)
+        retrain_classifier(stages.TrainConfig(work_dir=str(tmp_path / "x"), out=str(tmp_path / "none")), progress=False)
 
 
 def test_training_refuses_other_options_in_the_same_work_dir(tmp_path):
-    from evaluation.shapes import train
+    from evaluation.shapes import trainer as stages
 
     (tmp_path / "state.json").write_text('{"config": {"seed": 1}}')
     with pytest.raises(SystemExit, match="other options"):
-        train.Trainer(train.TrainConfig(work_dir=str(tmp_path), out=str(tmp_path / "m")), progress=False)
+        stages.Trainer(stages.TrainConfig(work_dir=str(tmp_path), out=str(tmp_path / "m")), progress=False)
 
 
 # ---------------------------------------------------------------- the shipped model

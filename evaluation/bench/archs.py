@@ -105,10 +105,12 @@ def check_fits(arch: str, device: torch.device, dtype: torch.dtype) -> None:
 
 def transformer_variants(arch: str, meta: torch.nn.Module, ratio: float, options, more: MethodOptions | None) -> list[str]:
     """The registry's methods (unsuffixed, installed) that run on ``meta``, the transformer of ``arch`` made on the
-    meta device: not U-Net only, and its patch accepts the model."""
+    meta device: not U-Net only, one the bench can time, and its patch accepts the model."""
     works = []
     for name, method in REGISTRY.items():
-        if not method.runs_on_transformers or (method.requires is not None and not method.requires.available()):
+        if not method.runs_on_transformers or method.bench_refusal is not None or (
+            method.requires is not None and not method.requires.available()
+        ):
             continue
         try:
             with variant_applied(meta, name, ratio, options, more):

@@ -13,7 +13,7 @@ from tofu_sd.partition import block_offsets, timestep_key
 from tofu_sd.plans import plan_blocks
 
 from ..memory import PeakMemory
-from ..methods.oracle import oracle_keep, oracle_spread, oracle_stride
+from ..methods.strided import oracle_keep, oracle_spread, oracle_stride
 from .profiling import peak_alloc_bytes
 from .steps import sync
 

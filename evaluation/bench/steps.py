@@ -14,12 +14,9 @@ from tofu_sd import TokenFusionConfig
 from ..archs import at_timestep
 from ..memory import PeakMemory
 from ..methods.base import MethodOptions
+from ..methods.registry import REFERENCE, REGISTRY
 from .profiling import peak_alloc_bytes
 from .variants import BENCH_OPTIONS, variant_applied, variant_mix, variant_params
-
-#: Ratios of these methods' variants to those of :data:`BASELINES` at the same ratio are reported.
-REDUCERS = ("tofu", "tofu-local")
-BASELINES = ("tome", "oracle")
 
 
 def unet_step(model, inputs: dict):
@@ -133,11 +130,13 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 
 def _pairs(variants: list[str], ratio: float) -> list[tuple[str, str]]:
-    """(tofu or tofu-local variant, tome or oracle variant) at the same ratio, in the order given."""
+    """(reducer variant, baseline variant) at the same ratio, in the order given: the methods' ``bench_pairs``
+    (:class:`~evaluation.methods.base.Method`; tofu and tofu-local reducers, tome and the oracle baselines)."""
     params = {v: variant_params(v, ratio) for v in variants}
+    role = {v: REGISTRY[p["method"]].bench_pairs for v, p in params.items()}
     return [
-        (a, b) for a in variants if params[a]["method"] in REDUCERS
-        for b in variants if params[b]["method"] in BASELINES and params[b].get("ratio") == params[a].get("ratio")
+        (a, b) for a in variants if role[a] == "reducer"
+        for b in variants if role[b] == "baseline" and params[b].get("ratio") == params[a].get("ratio")
     ]  # fmt: skip
 
 
@@ -146,7 +145,7 @@ def step_ratios(results: dict, ratio: float) -> dict:
     ratio (``tofu/tome``, ``tofu@0.3/tome@0.3``), the same from the minimum times as a cross-check, and the
     peak-memory ratios of those pairs."""
     secs = {v: r["seconds"] for v, r in results.items()}
-    pairs = [(v, "full") for v in secs if v != "full" and "full" in secs]
+    pairs = [(v, REFERENCE) for v in secs if v != REFERENCE and REFERENCE in secs]
     reducers = _pairs(list(results), ratio)
     ratios = {}
     for a, b in pairs + reducers:

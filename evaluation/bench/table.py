@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..files import write_json_atomic
 from ..methods.names import parse_name
+from ..methods.registry import REFERENCE
 from .steps import reducer_keys
 from .targets import format_targets
 from .variants import variant_params
@@ -28,11 +29,11 @@ def format_table(result: dict) -> str:
              + (f", max_downsample {result['max_downsample']}: lower levels patched too" if result.get("max_downsample", 1) != 1 else "")
              + ")"]  # fmt: skip
     for size, data in result["steps"].items():
-        full = data["variants"].get("full", {}).get("median_s")
+        full = data["variants"].get(REFERENCE, {}).get("median_s")
         width = max([10, *map(len, data["variants"])])
         lines += ["", f"{size}x{size}: {'variant':<{width}}median s    min s   vs full (paired)   peak mem MB ({data['peak_mem_kind']})"]
         for name, r in data["variants"].items():
-            rel = f"{data['ratios'].get(f'{name}/full', 1.0):7.3f}" if full else "    n/a"
+            rel = f"{data['ratios'].get(f'{name}/{REFERENCE}', 1.0):7.3f}" if full else "    n/a"
             lines.append(f"  {name:<{width}} {r['median_s']:9.4f} {r['min_s']:8.4f} {rel:>12}   {r['peak_mem_gb'] * 1024:14.1f}")
         lines += _notes(result, data["variants"])
         keys = reducer_keys(data["variants"], result["ratio"])
@@ -50,9 +51,9 @@ def format_table(result: dict) -> str:
             lines.append(f"  N={tokens}: " + ", ".join(cells))
     if result.get("call_memory_mb"):
         cm = result["call_memory_mb"]
-        full = cm["peak_mb"].get("full")
+        full = cm["peak_mb"].get(REFERENCE)
         lines += ["", f"tiny U-Net call at {cm['tokens']} tokens, batch {cm['batch']}: peak MB of live tensors (weights excluded)"]
-        lines.append("  " + ", ".join(f"{k} {v:.0f}" + (f" (+{v - full:.0f})" if full is not None and k != "full" else "") for k, v in cm["peak_mb"].items()))
+        lines.append("  " + ", ".join(f"{k} {v:.0f}" + (f" (+{v - full:.0f})" if full is not None and k != REFERENCE else "") for k, v in cm["peak_mb"].items()))
     return "\n".join(lines)
 
 

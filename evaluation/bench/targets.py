@@ -5,6 +5,7 @@ reduced variant's peak memory of one step above the unpatched step's (a ToFu ste
 
 from __future__ import annotations
 
+from ..methods.registry import REFERENCE, REGISTRY
 from .steps import paired_ratio
 from .variants import variant_params
 
@@ -14,30 +15,32 @@ ORACLE_TARGET = 1.05
 TARGETS = {"peak_over_full_mb": MEMORY_TARGET_MB, "vs_oracle": ORACLE_TARGET}
 
 
-def _oracles(results: dict, ratio: float) -> dict:
-    """The oracle variant of each ratio among ``results``, by ratio."""
+def _bounds(results: dict, ratio: float) -> dict:
+    """The variant of the bound (:attr:`~evaluation.methods.base.Method.bound`: the oracle) of each ratio among
+    ``results``, by ratio."""
     params = {v: variant_params(v, ratio) for v in results}
-    return {p["ratio"]: v for v, p in params.items() if p["method"] == "oracle"}
+    return {p["ratio"]: v for v, p in params.items() if REGISTRY[p["method"]].bound}
 
 
 def dit_targets(results: dict, ratio: float) -> dict:
     """Per variant besides ``full`` (:func:`~.steps.time_steps`'s results): ``peak_over_full_mb``, its peak memory
     minus full's (MiB; the weights cancel), and ``vs_full``, the paired median ratio of its step time to full's
-    (both when ``full`` ran); for the tofu variants also ``vs_oracle``, to the oracle's at the same ratio (when it
-    ran), and whether each target is met (``memory_ok``, ``time_ok``)."""
-    full, oracles, out = results.get("full"), _oracles(results, ratio), {}
+    (both when ``full`` ran); for the targeted variants (:attr:`~evaluation.methods.base.Method.targeted`: tofu's)
+    also ``vs_oracle``, to the oracle's at the same ratio (when it ran), and whether each target is met
+    (``memory_ok``, ``time_ok``)."""
+    full, oracles, out = results.get(REFERENCE), _bounds(results, ratio), {}
     for name, stats in results.items():
-        if name == "full":
+        if name == REFERENCE:
             continue
         entry = {}
         if full is not None:
             entry["peak_over_full_mb"] = (stats["peak_mem_gb"] - full["peak_mem_gb"]) * 1024
             entry["vs_full"] = paired_ratio(stats["seconds"], full["seconds"])
         params = variant_params(name, ratio)
-        oracle = oracles.get(params.get("ratio"))
-        if params["method"].startswith("tofu") and oracle is not None:
+        oracle, targeted = oracles.get(params.get("ratio")), REGISTRY[params["method"]].targeted
+        if targeted and oracle is not None:
             entry["vs_oracle"] = paired_ratio(stats["seconds"], results[oracle]["seconds"])
-        if params["method"].startswith("tofu"):
+        if targeted:
             if "peak_over_full_mb" in entry:
                 entry["memory_ok"] = entry["peak_over_full_mb"] <= MEMORY_TARGET_MB
             if "vs_oracle" in entry:

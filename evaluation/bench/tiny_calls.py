@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from tofu_sd.blocks import select_sites, transformer_block_sites
 
+from ..families import unet_sites
 from ..tiny_random import tiny_unet, tiny_unet_inputs
 from .profiling import count_ops, peak_alloc_bytes
 from .steps import unet_step
@@ -19,7 +19,7 @@ def ops_per_block(variants=("tome", "tofu", "tofu-local"), ratio: float = 0.5) -
     latent, fp32, eager, CPU): (ops of the patched call - ops of the unpatched call) / patched blocks."""
     unet = tiny_unet("sd15")
     inputs = tiny_unet_inputs(unet)
-    blocks = len(select_sites(transformer_block_sites(unet), 1))
+    blocks = len(unet_sites(unet, 1))
 
     def one_call():
         return unet_step(unet, inputs)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from tofu_sd import TokenFusionConfig
 
+from ..errors import EvaluationError
 from ..methods.base import MethodOptions, StepMix
 from ..methods.names import Name, normal_names, parse_name
 from ..methods.registry import METHODS, REGISTRY
@@ -48,10 +49,13 @@ def parse_variants(
     variants: Sequence[str], ratio: float, options: TokenFusionConfig = BENCH_OPTIONS, more: MethodOptions | None = None
 ) -> list[str]:
     """The variants in normal form (``tofu@.50`` -> ``tofu@0.5``); EvaluationError (or ValueError, for a missing
-    package) saying what to fix, also for a step mix the bench cannot time (:func:`variant_mix`)."""
+    package) saying what to fix, also for a method the bench cannot time (a step cache, ``bench_refusal``) or a
+    step mix it cannot time (:func:`variant_mix`)."""
     names = normal_names(list(variants), options, noun="variant")
     for label in names:
         name = resolve_variant(label, ratio)
+        if name.method.bench_refusal is not None:
+            raise EvaluationError(f"variant {label} cannot be benched: {name.method.bench_refusal}")
         if name.value is not None:
             name.method.parameter.check(label, name.value, options)
         needs = name.method.requires

@@ -29,8 +29,11 @@ def method_applied(pipe, method: str, options: TokenFusionConfig, more: MethodOp
     ``catome`` takes ``max_downsample``, ``sx``, ``sy`` and ``use_rand``, with ca-tome's default threshold and
     cache schedule. ``oracle`` takes ``max_downsample``. ``tofu+ff`` and the other ``+<module>`` names are tofu
     (or tome) on more sub-modules of each block. ``deepcache@N`` is DeepCache at interval N (3 unsuffixed); the
-    ``deepcache+<tofu>`` names are that tofu variant with DeepCache around it at ``more.cache_interval``. See
-    :mod:`evaluation.methods.registry`.
+    ``deepcache+<tofu>`` names are that tofu variant with DeepCache around it at ``more.cache_interval``. On
+    diffusion transformers, ``fbcache@T``, ``taylorseer@N``, ``taylorseer-lite@N``, ``magcache@T``, ``pab@N`` and
+    ``fastercache`` are diffusers' step caches (``magcache`` takes ``more.steps``, ``fastercache``
+    ``more.guidance_scale``), and ``<cache>+tofu`` that cache at its default with tofu at the name's ratio
+    (:mod:`.caches`). See :mod:`evaluation.methods.registry`.
     """
     name = parse_name(method)
     with name.method.patch(pipe, options, name.params(options, more)):

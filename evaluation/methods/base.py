@@ -27,9 +27,14 @@ DEFAULT_CACHE_INTERVAL = 3  #: DeepCache's interval: the deep blocks are compute
 class MethodOptions:
     """The run's options that some methods take besides tofu_sd's (a :class:`tofu_sd.TokenFusionConfig`):
     ``cache_interval`` (``--cache-interval``), DeepCache's interval in the ``deepcache+<tofu>`` combinations, an
-    integer >= 2. A method names the fields it takes in :attr:`Method.takes`; its parameters record them."""
+    integer >= 2; ``steps`` and ``guidance_scale``, the run's sampling options, which diffusers' MagCache (its
+    ``num_inference_steps``) and FasterCache (whether the pipeline batches classifier-free guidance) need (None:
+    not known, outside a run). A method names the fields it takes in :attr:`Method.takes`; its parameters record
+    them."""
 
     cache_interval: int = DEFAULT_CACHE_INTERVAL
+    steps: int | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         value = self.cache_interval
@@ -142,6 +147,15 @@ class Method:
     ``unet_only`` says why the method runs on U-Nets only; None: on diffusion transformers too, where its patch
     accepts the model (``tofu_sd.apply`` refuses some of its options on some transformers: ``reduce="kv"`` on SD3
     and Flux, ``modules`` on every one), so ``generate`` and ``bench`` refuse the others there, before any work.
+    ``transformer_only`` says why it runs on diffusion transformers only (diffusers' step caches), so ``generate``
+    refuses it on U-Nets; ``bench_refusal`` why the bench cannot time it (a step cache's saving lies across the
+    steps of a pipeline call, which a timed model call does not show).
+
+    What the bench and the report make of it: ``step_options``, the run's tofu_sd options that set its step time
+    besides its name (a report's bench cost must have timed it with the run's); ``bench_pairs``, whether the bench
+    reports the paired ratios of its step time and memory to the others' at the same ratio (``"reducer"``) or the
+    reducers' to its (``"baseline"``); ``bound``, the bound that the transformer bench's targets hold the
+    ``targeted`` methods' step time to; ``report_note``, a sentence of the report about it.
     """
 
     name: str
@@ -157,12 +171,35 @@ class Method:
     in_bench_default: bool = True  #: part of ``tofu-sd bench``'s variants when none are given
     takes: tuple[str, ...] = ()  #: the fields of :class:`MethodOptions` that ``params`` takes
     unet_only: str | None = None  #: why it runs on U-Nets only (None: on diffusion transformers too)
+    #: why it runs on diffusion transformers only (None: on U-Nets too); ``generate`` refuses it on U-Nets
+    transformer_only: str | None = None
+    #: why ``tofu-sd bench``, which times single model calls, cannot time it (None: the bench takes it)
+    bench_refusal: str | None = None
     #: its images follow tofu_sd's default schedule when the run gives no ``--schedule`` (a run records its letters)
     default_schedule: bool = False
+    #: the run's :class:`tofu_sd.TokenFusionConfig` fields that set its step time besides its name, which a bench
+    #: cost must share: ``max_downsample`` where it patches the U-Net levels that option chooses, ``rematch_every``
+    #: where it matches again only every k steps (the :class:`MethodOptions` of ``takes`` are recorded per name)
+    step_options: tuple[str, ...] = ("max_downsample",)
+    #: ``"reducer"``: the bench reports its step time and memory relative to each ``"baseline"`` at the same ratio
+    bench_pairs: str | None = None
+    bound: bool = False  #: the transformer bench's targets measure the ``targeted`` methods' step time against it
+    #: the transformer bench holds it to its targets: memory above the unpatched step's, step time against the bound's
+    targeted: bool = False
+    #: a sentence of the report on what the name means; the report gives every entry's together when the run has any
+    report_note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bench_pairs not in (None, "reducer", "baseline"):
+            raise ValueError(f"{self.name}: bench_pairs is 'reducer', 'baseline' or None, got {self.bench_pairs!r}")
 
     @property
     def runs_on_transformers(self) -> bool:
         return self.unet_only is None
+
+    @property
+    def runs_on_unets(self) -> bool:
+        return self.transformer_only is None
 
     def parameters(self, value: float | None, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
         """``{"method": name, ...}``: the name's parameters (see the class docstring), under the run's ``options``

@@ -13,7 +13,8 @@ import statistics
 import torch
 
 from tofu_sd import TokenFusionConfig
-from tofu_sd.blocks import unwrap_unet
+
+from ..families import unet_of
 
 from ..errors import EvaluationError
 from .base import StepMix
@@ -82,7 +83,7 @@ def catome_applied(pipe, options: TokenFusionConfig, threshold: float = CATOME_T
             "pins torch<2.2.2 and numpy<2, which would replace this environment's torch (diffusers 0.42 needs "
             "torch>=2.6), while its code runs on them (README: CA-ToMe)"
         ) from error
-    unet = unwrap_unet(pipe)
+    unet = unet_of(pipe)
     before = {id(m): set(m.__dict__) for m in unet.modules()}
     blocks = []
     apply_patch(

@@ -38,7 +38,8 @@ import statistics
 import torch
 
 from tofu_sd import TokenFusionConfig
-from tofu_sd.blocks import unwrap_unet
+
+from ..families import unet_of
 
 from ..errors import EvaluationError
 from .base import DEFAULT_CACHE_INTERVAL, Parameter, StepMix
@@ -159,7 +160,7 @@ def deepcache_applied(pipe, cache_interval: int = DEFAULT_CACHE_INTERVAL, cache_
         from DeepCache import DeepCacheSDHelper
     except ImportError as error:
         raise EvaluationError(f"method deepcache needs the DeepCache package ({error}); install it: {DEEPCACHE_INSTALL}") from error
-    unet = unwrap_unet(pipe)
+    unet = unet_of(pipe)
     if getattr(unet, "mid_block", None) is None:
         raise EvaluationError(f"deepcache needs a U-Net with a mid block (DeepCache caches it); {type(unet).__name__} has none")
     modules = list(unet.modules())

@@ -12,30 +12,15 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from diffusers.hooks import ModelHook
 
-from tofu_sd import TokenFusionConfig, dit
-from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
-from tofu_sd.hooks import register, unregister_all
+from tofu_sd import TokenFusionConfig
+from tofu_sd.hooking import register_innermost, unregister_all
 
-ORACLE_HOOK = "evaluation.oracle"
+from ..families import is_transformer, transformer_and_family, unet_of, unet_sites
 
-
-def oracle_stride(ratio: float) -> int:
-    """Every ``stride``-th token is kept: the stride whose kept fraction ``1 / stride`` is nearest ``1 - ratio``."""
-    return max(1, round(1 / (1 - ratio)))
-
-
-def oracle_keep(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """The kept tokens of ``(B, N, C)`` ``x``: every ``stride``-th one (a view)."""
-    return x[:, ::stride]
-
-
-def oracle_spread(kept: torch.Tensor, stride: int, n: int) -> torch.Tensor:
-    """Each kept token's row copied to the ``stride - 1`` tokens after it, ``n`` tokens in all."""
-    b, m, c = kept.shape
-    return kept.unsqueeze(2).expand(b, m, stride, c).reshape(b, m * stride, c)[:, :n]
+from .oracle_dit import register_oracle
+from .strided import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
 
 
 class OracleHook(ModelHook):
@@ -63,18 +48,16 @@ def oracle_params(value: float | None, options: TokenFusionConfig) -> dict:
 def oracle_patch(pipe, options: TokenFusionConfig, params: dict):
     """The oracle on a U-Net's ``attn1`` of the blocks that tofu_sd patches with ``options.max_downsample``, or on
     a diffusion transformer's image attention in the blocks that tofu_sd patches with ``options.blocks``
-    (:func:`.oracle_dit.register_oracle`); removed through :func:`tofu_sd.hooks.unregister_all`, so the model is
+    (:func:`.oracle_dit.register_oracle`); removed through :func:`tofu_sd.hooking.unregister_all`, so the model is
     left exactly as before (no hook registry, no instance ``forward``)."""
-    from .oracle_dit import register_oracle  # it builds on this module's functions
-
-    transformer = dit.handles(pipe)
-    model = dit.unwrap_transformer(pipe) if transformer else unwrap_unet(pipe)
+    transformer = is_transformer(pipe)
+    model = transformer_and_family(pipe)[0] if transformer else unet_of(pipe)
     try:
         if transformer:
             register_oracle(model, options, params["ratio"])
         else:
-            for site in select_sites(transformer_block_sites(model), options.max_downsample):
-                register(site.block.attn1, OracleHook(params["ratio"]), ORACLE_HOOK)
+            for site in unet_sites(model, options.max_downsample):
+                register_innermost(site.block.attn1, OracleHook(params["ratio"]), ORACLE_HOOK)
         yield
     finally:
         unregister_all(model, (ORACLE_HOOK,))

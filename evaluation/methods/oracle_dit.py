@@ -1,9 +1,9 @@
 """The oracle on diffusion transformers (SD3 / SD3.5, PixArt, Flux): in exactly the blocks that ``tofu_sd.apply``
-patches, the attention sees every ``stride``-th image token (:func:`~.oracle.oracle_keep`) next to all the text
+patches, the attention sees every ``stride``-th image token (:func:`~.strided.oracle_keep`) next to all the text
 tokens, and each kept image token's output is copied to the ``stride - 1`` image tokens after it
-(:func:`~.oracle.oracle_spread`); text outputs pass as they are. No similarity, no matching.
+(:func:`~.strided.oracle_spread`); text outputs pass as they are. No similarity, no matching.
 
-The attentions are those Token Fusion reduces around (:class:`tofu_sd.dit.DiTSite`): an attention whose
+The attentions are those Token Fusion reduces around (:class:`tofu_sd.Site`, from its family adapter): an attention whose
 ``hidden_states`` are the image stream (SD3's joint ``attn`` and SD3.5's ``attn2``, PixArt's ``attn1``, Flux's
 double-stream ``attn``), and a Flux single-stream block's ``attn``, which sees ``[text, image]``: there the
 block's hook records the text length, and only the image part is subset. Flux's rotary table ``(T + N, D)``
@@ -17,22 +17,25 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import ModelHook
 
-from tofu_sd import TokenFusionConfig, dit
-from tofu_sd.hooks import _argument, _with_arguments, register
+from tofu_sd import Site, TokenFusionConfig
+from tofu_sd.arguments import argument, with_arguments
+from tofu_sd.hooking import register_innermost
 
-from .oracle import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
+from ..families import transformer_and_family
+
+from .strided import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
 
 
-def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[dit.DiTSite]:
+def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[Site]:
     """The blocks that ``tofu_sd.apply`` patches on ``model`` with ``options.blocks`` (every block by default);
     ValueError, as ``apply``'s, for ``max_downsample`` (a U-Net's option) or blocks out of range."""
-    arch = next(arch for cls, arch in dit.ARCHITECTURES.items() if isinstance(model, cls))
+    arch = transformer_and_family(model)[1]
     if options.max_downsample != 1:
         raise ValueError(
             f"max_downsample={options.max_downsample} only means something for U-Nets; a {arch.name} transformer "
             "has one token grid: choose its blocks with `blocks` instead."
         )
-    return dit.select_sites(arch.sites(model), options)
+    return arch.select(arch.sites(model), options)
 
 
 def keep_rotary(emb: tuple[torch.Tensor, ...], text_len: int, stride: int) -> tuple[torch.Tensor, ...]:
@@ -56,7 +59,7 @@ class TextLengthHook(ModelHook):
         self.text = text
 
     def pre_forward(self, module, *args, **kwargs):
-        text = _argument(args, kwargs, 1, "encoder_hidden_states")
+        text = argument(args, kwargs, 1, "encoder_hidden_states")
         self.text.value = None if text is None else text.shape[1]
         return args, kwargs
 
@@ -74,17 +77,17 @@ class ImageOracleHook(ModelHook):
         self.stride, self.n = stride, None
 
     def pre_forward(self, module, *args, **kwargs):
-        x = _argument(args, kwargs, 0, "hidden_states")
+        x = argument(args, kwargs, 0, "hidden_states")
         self.n = None
-        if x is None or _argument(args, kwargs, 2, "attention_mask") is not None:
+        if x is None or argument(args, kwargs, 2, "attention_mask") is not None:
             return args, kwargs
         self.n = x.shape[1]
         values = {0: ("hidden_states", oracle_keep(x, self.stride))}
-        emb = _argument(args, kwargs, 3, "image_rotary_emb")
+        emb = argument(args, kwargs, 3, "image_rotary_emb")
         if emb is not None:
-            text = _argument(args, kwargs, 1, "encoder_hidden_states")
+            text = argument(args, kwargs, 1, "encoder_hidden_states")
             values[3] = ("image_rotary_emb", keep_rotary(emb, 0 if text is None else text.shape[1], self.stride))
-        return _with_arguments(args, kwargs, values)
+        return with_arguments(args, kwargs, values)
 
     def post_forward(self, module, output):
         if self.n is None:
@@ -103,16 +106,16 @@ class SingleStreamOracleHook(ModelHook):
         self.stride, self.text, self.n = stride, text, None
 
     def pre_forward(self, module, *args, **kwargs):
-        x, t = _argument(args, kwargs, 0, "hidden_states"), self.text.value
+        x, t = argument(args, kwargs, 0, "hidden_states"), self.text.value
         self.n = None
-        if x is None or t is None or _argument(args, kwargs, 2, "attention_mask") is not None:
+        if x is None or t is None or argument(args, kwargs, 2, "attention_mask") is not None:
             return args, kwargs
         self.n = x.shape[1] - t
         values = {0: ("hidden_states", torch.cat([x[:, :t], oracle_keep(x[:, t:], self.stride)], dim=1))}
-        emb = _argument(args, kwargs, 3, "image_rotary_emb")
+        emb = argument(args, kwargs, 3, "image_rotary_emb")
         if emb is not None:
             values[3] = ("image_rotary_emb", keep_rotary(emb, t, self.stride))
-        return _with_arguments(args, kwargs, values)
+        return with_arguments(args, kwargs, values)
 
     def post_forward(self, module, output):
         if self.n is None:
@@ -122,13 +125,13 @@ class SingleStreamOracleHook(ModelHook):
 
 
 def register_oracle(model: torch.nn.Module, options: TokenFusionConfig, ratio: float) -> None:
-    """Register the oracle's hooks (named :data:`~.oracle.ORACLE_HOOK`) on the attentions of :func:`oracle_sites`."""
+    """Register the oracle's hooks (named :data:`~.strided.ORACLE_HOOK`) on the attentions of :func:`oracle_sites`."""
     stride = oracle_stride(ratio)
     for site in oracle_sites(model, options):
         if site.single_stream:
             text = TextLength()
-            register(site.block, TextLengthHook(text), ORACLE_HOOK)
-            register(site.block.attn, SingleStreamOracleHook(stride, text), ORACLE_HOOK)
+            register_innermost(site.block, TextLengthHook(text), ORACLE_HOOK)
+            register_innermost(site.block.attn, SingleStreamOracleHook(stride, text), ORACLE_HOOK)
             continue
         for part in site.attentions:
-            register(getattr(site.block, part), ImageOracleHook(stride), ORACLE_HOOK)
+            register_innermost(getattr(site.block, part), ImageOracleHook(stride), ORACLE_HOOK)

@@ -29,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from tofu_sd.blocks import select_sites, transformer_block_sites, unwrap_unet
 from tofu_sd import TokenFusionConfig
-from tofu_sd.hooks import FeatureMapHook, GridState, register, unregister_all
+from tofu_sd.arguments import argument
+from tofu_sd.families.unet import UNetFamily
+from tofu_sd.hooking import register_innermost, unregister_all
+from tofu_sd.hooks import GridHook
+from tofu_sd.state import GridState
+
+from ..families import unet_of, unet_sites
 
 from ..errors import EvaluationError
 from .base import Parameter, format_ratio
@@ -69,12 +74,6 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int], pool: tuple[int, int]) -
     return pooled.flatten(2).transpose(1, 2)
 
 
-def _argument(args: tuple, kwargs: dict, index: int, name: str):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
 class PooledKeysHook(ModelHook):
     """Gives a self-attention module pooled keys and values; queries (and so outputs) stay one per token."""
 
@@ -84,14 +83,14 @@ class PooledKeysHook(ModelHook):
         self.calls = 0  #: calls that ran on pooled keys (for tests and diagnostics)
 
     def pre_forward(self, module, *args, **kwargs):
-        x = _argument(args, kwargs, 0, "hidden_states")
+        x = argument(args, kwargs, 0, "hidden_states")
         grid = self.grid.grid
         if (
             grid is None
             or x.ndim != 3
             or grid[0] * grid[1] != x.shape[1]
-            or _argument(args, kwargs, 1, "encoder_hidden_states") is not None  # cross-attention: not ours
-            or _argument(args, kwargs, 2, "attention_mask") is not None  # a mask is laid out for all keys
+            or argument(args, kwargs, 1, "encoder_hidden_states") is not None  # cross-attention: not ours
+            or argument(args, kwargs, 2, "attention_mask") is not None  # a mask is laid out for all keys
         ):
             return args, kwargs
         pooled = pool_tokens(x, grid, self.pool)
@@ -106,18 +105,18 @@ class PooledKeysHook(ModelHook):
 
 def apply_todo(pipe_or_unet, pool: tuple[int, int] = DEFAULT_POOL, max_downsample: int = 1) -> list[str]:
     """Hook ToDo into the same blocks Token Fusion patches; returns their names. Replaces an earlier ToDo patch."""
-    unet = unwrap_unet(pipe_or_unet)
-    sites = select_sites(transformer_block_sites(unet), max_downsample)
+    unet = unet_of(pipe_or_unet)
+    sites = unet_sites(unet, max_downsample)
     if not sites:
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to apply ToDo to")
     remove_todo(unet)
     grids: dict[int, GridState] = {}
     try:
         for site in sites:
-            if id(site.transformer) not in grids:
-                grids[id(site.transformer)] = GridState()
-                register(site.transformer, FeatureMapHook(grids[id(site.transformer)]), GRID_HOOK)
-            register(site.block.attn1, PooledKeysHook(grids[id(site.transformer)], tuple(pool)), POOL_HOOK)
+            if id(site.grid_module) not in grids:
+                grids[id(site.grid_module)] = GridState()
+                register_innermost(site.grid_module, GridHook(grids[id(site.grid_module)], UNetFamily().grid), GRID_HOOK)
+            register_innermost(site.block.attn1, PooledKeysHook(grids[id(site.grid_module)], tuple(pool)), POOL_HOOK)
     except BaseException:
         remove_todo(unet)
         raise
@@ -128,7 +127,7 @@ def apply_todo(pipe_or_unet, pool: tuple[int, int] = DEFAULT_POOL, max_downsampl
 
 def remove_todo(pipe_or_unet) -> bool:
     """Remove ToDo's hooks (and only them); True if any was there. The model is then exactly as before."""
-    unet = unwrap_unet(pipe_or_unet)
+    unet = unet_of(pipe_or_unet)
     found = unregister_all(unet, HOOK_NAMES)
     if hasattr(unet, _ATTR):
         delattr(unet, _ATTR)

@@ -14,7 +14,9 @@ from dataclasses import asdict, replace
 
 import tofu_sd
 from tofu_sd import TokenFusionConfig
-from tofu_sd.blocks import transformer_block_sites, unwrap_unet
+from tofu_sd.families.unet import transformer_block_sites
+
+from ..families import unet_of
 
 from .base import StepMix
 
@@ -94,7 +96,7 @@ def default_letters(pipe, options: TokenFusionConfig) -> str | None:
 
 def tome_max_downsample(pipe, options: TokenFusionConfig) -> int:
     """tomesd counts downsampling from the U-Net input, tofu_sd from its finest transformer level: patch the same blocks."""
-    finest = min(site.downsample for site in transformer_block_sites(unwrap_unet(pipe)))
+    finest = min(site.downsample for site in transformer_block_sites(unet_of(pipe)))
     return options.max_downsample * finest
 
 
@@ -109,7 +111,7 @@ def tome_patch(pipe, options: TokenFusionConfig, params: dict):
     without them: tomesd's default); removed with the ``_tome_info`` that tomesd leaves."""
     import tomesd
 
-    unet = unwrap_unet(pipe)
+    unet = unet_of(pipe)
     had_info = {id(m) for m in unet.modules() if "_tome_info" in m.__dict__}
     modules = params.get("modules", ("attn1",))
     tomesd.apply_patch(

@@ -15,6 +15,7 @@ import torch
 from ..files import temporary_sibling
 from .components import to_unit
 from .export import final_loss, plot_losses
+from .trainer import Trainer, TrainConfig
 
 
 def _encode_first_pictures(trainer) -> None:
@@ -53,8 +54,6 @@ def _replace_classifier_files(trainer, out: Path, seconds: float, config) -> dic
 def retrain_classifier(config, progress: bool = True) -> dict:
     """Train the classifier again for the finished model in ``config.out`` (its VAE), and replace it there."""
     from diffusers import AutoencoderKL
-
-    from .train import Trainer, TrainConfig
 
     out = Path(config.out)
     if not (out / "vae").is_dir() or not (out / "training.json").is_file():

@@ -1,8 +1,10 @@
 """The training loop that every stage of the built-in model's training shares: checkpointed and resumable, with
-the random generators of each step drawn from ``(seed, stage, step)``."""
+the random generators of each step drawn from ``(seed, stage, step)``; and a run's state, which both built-in
+models' trainings keep in their work folder (:func:`run_state`)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,6 +35,18 @@ def save_atomic(obj, path: Path) -> None:
     """``torch.save`` through a temporary file: the file at ``path`` is always a whole checkpoint."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def run_state(path: Path, current: dict, advice: str) -> dict:
+    """The state of the run whose ``state.json`` is ``path`` (empty for a new run), its ``config`` set to
+    ``current``, the run's options; SystemExit if the run was started with other ones (``advice``: what to do)."""
+    state = json.loads(path.read_text()) if path.exists() else {}
+    recorded = state.get("config")
+    if recorded is not None and recorded != current:
+        diff = {k: (recorded.get(k), v) for k, v in current.items() if recorded.get(k) != v}
+        raise SystemExit(f"{path.parent} holds a run with other options {diff}; {advice}")
+    state.setdefault("config", current)
+    return state
 
 
 def write_loss_log(path: Path, log: list[tuple[int, float]]) -> None:

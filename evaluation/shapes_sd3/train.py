@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from ..files import write_text_atomic
 from ..shapes.data import caption, draw_dataset
-from ..shapes.loop import save_atomic
+from ..shapes.loop import run_state, save_atomic
 from . import components as C
 from .loop import step_generators, train_loop
 
@@ -80,13 +80,7 @@ class Trainer:
         self.work = Path(config.work_dir).expanduser()
         self.work.mkdir(parents=True, exist_ok=True)
         self.state_path = self.work / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        current = _jsonable(config.recorded())
-        recorded = self.state.get("config")
-        if recorded is not None and recorded != current:
-            diff = {k: (recorded.get(k), v) for k, v in current.items() if recorded.get(k) != v}
-            raise SystemExit(f"{self.work} holds a run with other options {diff}; use the same options or a new --work-dir")
-        self.state.setdefault("config", current)
+        self.state = run_state(self.state_path, _jsonable(config.recorded()), "use the same options or a new --work-dir")
         self.state.setdefault("seconds", {})
         self.save_state()  # the run's options, for a resume and for an export midway
         self.tokenizer = C.load_tokenizer()
