@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import EvaluationError, MetricUnavailable, listed
 from .manifest import load_manifest, missing_manifest_message
+from .methods.names import method_of
 from .methods.registry import REFERENCE, REGISTRY
 from .metrics import (
     ClassifierFrechetDistance,
@@ -139,7 +140,7 @@ def _step_options(manifest: dict, methods: list[str]) -> dict[str, dict]:
     reduction = manifest.get("config", {}).get("reduction") or {}
     out = {}
     for m in methods:
-        entry = REGISTRY.get(m.partition("@")[0])
+        entry = REGISTRY.get(method_of(m))
         if entry is None:
             out[m] = {}
             continue

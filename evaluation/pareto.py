@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import EvaluationError
+from .methods.names import method_of
 from .methods.registry import REFERENCE, REGISTRY
 from .models import BUILTIN_MODELS
 
@@ -36,7 +37,7 @@ OVERHEAD_NOTE = (
 
 def _family_and_ratio(name: str, params: dict | None, reduction: dict) -> tuple[str, float | None]:
     """A row's method family and ratio: from the manifest's per-method parameters, else from the name."""
-    family, _, suffix = name.partition("@")
+    family, suffix = method_of(name), name.rpartition("@")[2] if "@" in name else ""
     if params:
         return params.get("method", family), params.get("ratio")
     if suffix:
@@ -112,9 +113,9 @@ def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -
     timed = {name for step in bench["steps"].values() for name in step["variants"]}
     for name in methods:
         sizes = [s for s, step in bench["steps"].items() if name not in step["variants"]]
-        family, at, _ = name.partition("@")
+        family, at = method_of(name), "@" in name
         if sizes:
-            twins = sorted(t for t in timed if t.partition("@")[0] == family and t != name)
+            twins = sorted(t for t in timed if method_of(t) == family and t != name)
             twin = " (the run's name has no '@<ratio>': the bench needs that same unsuffixed name)" if twins and not at else ""
             has = f"; the bench has only {', '.join(twins)}" if twins else ""
             problems.append(f"  {name}: not timed at {', '.join(sizes)} px{twin}{has}")

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from prompts import class_names
 
 from .files import atomic_path, write_json_atomic, write_text_atomic
+from .methods.names import method_of
 from .methods.registry import REGISTRY
 from .models import BUILTIN_MODELS
 from .paired import markdown_lines as paired_markdown
@@ -115,7 +116,7 @@ def _notes(config: dict, methods: dict) -> list[str]:
 
 def _note(name: str) -> str | None:
     """The report's note on the method of ``name`` (:attr:`~evaluation.methods.base.Method.report_note`)."""
-    entry = REGISTRY.get(name.partition("@")[0])
+    entry = REGISTRY.get(method_of(name))
     return None if entry is None else entry.report_note
 
 

@@ -18,7 +18,7 @@ from tofu_sd import TokenFusionConfig
 DeepCacheSDHelper = pytest.importorskip("DeepCache").DeepCacheSDHelper
 
 STEPS = 6
-NEW = ["tofu+ff", "tofu+attn2", "tofu+attn2+ff", "tofu-kv+ff", "tome+mlp", "tome+ca+mlp", "deepcache@3", "deepcache",
+NEW = ["tofu+ff", "tofu+attn2", "tofu+attn2+ff", "tofu-kv+ff", "tome+mlp", "tome+ca+mlp", "deepcache@3", "deepcache", "deepcache+tofu-kv-local",
        "deepcache+tofu", "deepcache+tofu-kv", "deepcache+tofu+ff"]  # fmt: skip
 
 
@@ -90,6 +90,24 @@ def test_params_record_the_interval():
         "method": "deepcache+tofu+ff", "ratio": 0.5, "keys_removed": 0.5, "modules": ["attn1", "ff"], "cache_interval": 3}  # fmt: skip
 
 
+def test_a_combined_name_may_give_its_own_interval():
+    """``deepcache@N+<variant>``: the ``deepcache+<variant>`` entry at interval N, whatever the run's; its ratio
+    sweeps, its normal form keeps the interval, and a bad interval or a variant that is no combination is refused."""
+    assert parse_methods("deepcache@02+tofu-kv@.75,deepcache@4+tofu-kv-local") == [
+        "deepcache@2+tofu-kv@0.75", "deepcache@4+tofu-kv-local"]  # fmt: skip
+    assert parse_methods("deepcache@4+tofu-kv", [0.5, 0.75]) == ["deepcache@4+tofu-kv@0.5", "deepcache@4+tofu-kv@0.75"]
+    run = TokenFusionConfig(ratio=0.4)
+    params = method_params("deepcache@2+tofu-kv@0.75", run, MethodOptions(4))
+    assert params["method"] == "deepcache+tofu-kv" and params["cache_interval"] == 2 and params["ratio"] == 0.75
+    assert method_params("deepcache+tofu-kv@0.75", run, MethodOptions(4))["cache_interval"] == 4
+    with pytest.raises(EvaluationError, match="a cache interval of 1 caches nothing"):
+        parse_methods("deepcache@1+tofu")
+    with pytest.raises(EvaluationError, match="unknown method"):
+        parse_methods("deepcache@3+tome")  # deepcache+tome is no entry
+    with pytest.raises(EvaluationError, match="unknown method"):
+        parse_methods("deepcache@3+nothing")
+
+
 @pytest.fixture(scope="module")
 def full_latents():
     return latents(tiny_pipeline())
@@ -111,7 +129,8 @@ def test_deepcache_equals_the_helper_used_directly(full_latents):
     assert torch.equal(torch.as_tensor(latents(pipe)), torch.as_tensor(full_latents))  # and is gone
 
 
-@pytest.mark.parametrize("name,interval", [("deepcache@2", 2), ("deepcache@3", 3), ("deepcache+tofu", 4)])
+@pytest.mark.parametrize("name,interval", [("deepcache@2", 2), ("deepcache@3", 3), ("deepcache+tofu", 4),
+                                           ("deepcache@2+tofu-kv", 3)])  # the name's 2, not the run's 3
 def test_the_deep_blocks_run_at_one_step_in_n(name, interval):
     """Of 6 steps, the deep blocks (the mid block's resnet) run at steps 0, N, 2N, ...; the shallow branch (the
     last resnet of the last up block) at every step."""
@@ -119,11 +138,12 @@ def test_the_deep_blocks_run_at_one_step_in_n(name, interval):
     calls = Calls(pipe.unet, deep=pipe.unet.mid_block.resnets[0], shallow=pipe.unet.up_blocks[-1].resnets[-1])
     try:
         with method_applied(pipe, name, TokenFusionConfig(), MethodOptions(cache_interval=interval)):
-            if name.startswith("deepcache+"):
+            if "+" in name:
                 assert tofu_sd.get_state(pipe) is not None
             latents(pipe)
     finally:
         calls.remove()
+    interval = int(name[len("deepcache@")]) if name.startswith("deepcache@") else interval
     assert calls.counts == {"deep": len(range(0, STEPS, interval)), "shallow": STEPS}
     assert calls.deep == [step % interval == 0 for step in range(STEPS)]
 
@@ -206,6 +226,29 @@ def test_the_bench_times_an_uncached_and_a_cached_step(interval):
     assert f"DeepCache interval {interval}: per-step mean of 1 uncached step" in stats["step_mix"]
 
 
+def test_the_bench_times_deepcache_at_several_intervals_once():
+    """deepcache@2 and deepcache@5 (and ToFu inside DeepCache at 2 and 4) run the same two calls, uncached then
+    cached: one peak-memory call and one pair of calls per round for each, weighed per interval."""
+    unet = tiny_unet("sd15")
+    inputs = tiny_unet_inputs(unet, height=8, width=8)
+    variants = ["deepcache@2", "deepcache@5", "deepcache@2+tofu", "deepcache@4+tofu", "deepcache@2+tofu-kv"]
+    calls = Calls(unet, deep=unet.mid_block.resnets[0])
+    try:
+        summaries, _ = time_steps(unet, inputs, variants, 0.5, reps=2, warmup=0, device=torch.device("cpu"),
+                                  compile_=False)  # fmt: skip
+    finally:
+        calls.remove()
+    groups = 3  # deepcache, deepcache+tofu, deepcache+tofu-kv
+    assert calls.timesteps == [500] * groups + [500, 480] * groups * 2
+    for a, b, n in [("deepcache@2", "deepcache@5", 5), ("deepcache@2+tofu", "deepcache@4+tofu", 4)]:
+        sa, sb = summaries[a], summaries[b]
+        assert sa["uncached_s"] == sb["uncached_s"] and sa["cached_s"] == sb["cached_s"]
+        assert sa["peak_mem_gb"] == sb["peak_mem_gb"] and sb["cache_interval"] == n
+        for mean, uncached, cached in zip(sb["seconds"], sb["uncached_s"], sb["cached_s"]):
+            assert mean == pytest.approx(uncached / n + cached * (n - 1) / n)
+    assert summaries["deepcache@2+tofu-kv"]["uncached_s"] != summaries["deepcache@2+tofu"]["uncached_s"]
+
+
 def test_the_bench_times_a_whole_period_with_rematch_every(matches):
     """deepcache+tofu with N = 3 and rematch_every = 2: six calls per round at falling timesteps. The deep blocks
     run at steps 0 and 3; ToFu's blocks match at step 0 (all), at the cached matching steps 2 and 4 (the one
@@ -238,13 +281,17 @@ def test_the_bench_times_a_whole_period_with_rematch_every(matches):
 
 def test_bench_cli_takes_the_cache_interval(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["bench", "--smoke", "--variants", "full,deepcache@2,deepcache+tofu", "--cache-interval", "4", "--no-ops",
+    args = ["bench", "--smoke", "--variants", "full,deepcache@2,deepcache+tofu,deepcache@5+tofu", "--cache-interval", "4", "--no-ops",
             "--overhead-tokens", "", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
     variants = result["steps"]["128"]["variants"]
     assert result["cache_interval"] == 4
     assert variants["deepcache@2"]["cache_interval"] == 2 and variants["deepcache+tofu"]["cache_interval"] == 4
+    assert variants["deepcache@5+tofu"]["cache_interval"] == 5  # the name's own interval weighs its phases
+    stats = variants["deepcache@5+tofu"]
+    for mean, uncached, cached in zip(stats["seconds"], stats["uncached_s"], stats["cached_s"]):
+        assert mean == pytest.approx(uncached / 5 + cached * 4 / 5)
 
 
 def test_a_run_refuses_another_cache_interval(tmp_path, capsys):

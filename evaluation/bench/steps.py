@@ -82,18 +82,21 @@ def time_steps(
     steps and reuses them at the rest) is timed at each phase of a fresh application in every round, each
     phase's call at its own timestep if the mix gives one, and its step time is their mean over a whole
     schedule. The warm-up and peak-memory calls all run at the bench's timestep, which ToFu's ``rematch_every`` and
-    DeepCache take for a first step each time (matching, uncached). ``more``: the bench's
-    :class:`~evaluation.methods.base.MethodOptions`.
+    DeepCache take for a first step each time (matching, uncached). DeepCache at several intervals is timed once
+    (:func:`shared_calls`). ``more``: the bench's :class:`~evaluation.methods.base.MethodOptions`.
     """
     kind = ""
     called = torch.compile(model) if compile_ else model
     times = {v: StepTimes() for v in variants}
     mixes = {v: variant_mix(v, ratio, options, more) for v in variants}
-    for variant in variants:
+    leaders = shared_calls(variants, {v: variant_params(v, ratio, options, more) for v in variants}, mixes)
+    for variant in dict.fromkeys(leaders.values()):
         with variant_applied(model, variant, ratio, options, more):
             for _ in range(warmup):
                 model_step(called, inputs)
             times[variant].peak_mem_bytes, kind = peak_step_bytes(model, lambda: model_step(called, inputs), device)
+    for variant, leader in leaders.items():
+        times[variant].peak_mem_bytes = times[leader].peak_mem_bytes
 
     def timed(timestep: int | None = None) -> float:
         call_inputs = inputs if timestep is None else at_timestep(inputs, timestep)
@@ -104,24 +107,42 @@ def time_steps(
         return time.perf_counter() - t0
 
     for _ in range(reps):
-        for variant in variants:
+        for variant in dict.fromkeys(leaders.values()):
             with variant_applied(model, variant, ratio, options, more):
                 if compile_:
                     model_step(called, inputs)  # the patch changed: let the compiler retrace outside the timing
-                mix, t = mixes[variant], times[variant]
+                mix = mixes[variant]
                 if mix is None:
-                    t.seconds.append(timed())
+                    times[variant].seconds.append(timed())
                     continue
                 phase_seconds = [timed(step) for step in (mix.timesteps or (None,) * len(mix.phases))]
+            for follower in (v for v, leader in leaders.items() if leader == variant):
+                t, weights = times[follower], mixes[follower].weights
                 for phase, seconds in zip(mix.phases, phase_seconds):
                     t.phases.setdefault(phase, []).append(seconds)
-                t.seconds.append(sum(w * s for w, s in zip(mix.weights, phase_seconds)))
+                t.seconds.append(sum(w * s for w, s in zip(weights, phase_seconds)))
     summaries = {v: t.summary() for v, t in times.items()}
     for variant, mix in mixes.items():
         if mix is not None:
             summaries[variant].update(mix.summary)
             summaries[variant]["step_mix"] = mix.note(variant, summaries[variant])
     return summaries, kind
+
+
+def shared_calls(variants: list[str], params: dict[str, dict], mixes: dict) -> dict[str, str]:
+    """Each variant and the variant whose timed calls it takes (itself, or an earlier one): DeepCache's step mixes
+    that differ only in the cache interval (``deepcache@2`` and ``deepcache@5``; ``deepcache@2+tofu-kv@0.75`` and
+    ``deepcache@4+tofu-kv@0.75``) time the same two calls, a fresh application's uncached and cached step, and
+    differ only in the weights of those calls, so they are timed once per round and each weighs them its own way."""
+    leaders, seen = {}, {}
+    for v in variants:
+        mix = mixes[v]
+        if mix is None or mix.phases != ("uncached", "cached"):
+            leaders[v] = v
+            continue
+        key = repr(sorted((k, repr(value)) for k, value in params[v].items() if k != "cache_interval"))
+        leaders[v] = seen.setdefault(key, v)
+    return leaders
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:

@@ -34,7 +34,7 @@ def resolve_variant(variant: str, ratio: float) -> Name:
     """The name ``variant`` with its value: the one after ``@``, else ``ratio`` where its parameter takes the run's."""
     name = parse_name(variant)
     if name.value is None and name.method.parameter.uses_run_ratio:
-        return Name(name.method, ratio)
+        return replace(name, value=ratio)
     return name
 
 

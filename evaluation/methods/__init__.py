@@ -16,7 +16,7 @@
 from .applied import method_applied, method_params
 from .base import Method, MethodOptions
 from .catome import CATOME_BARE_STEPS, CATOME_CACHE, CATOME_INSTALL, CATOME_THRESHOLD, catome_applied
-from .names import check_name, expand_ratios, parse_methods, parse_name, ratios_of, split_name, variant_name
+from .names import check_name, expand_ratios, method_of, parse_methods, parse_name, ratios_of, split_name, variant_name
 from .registry import METHODS, REFERENCE, REGISTRY, get_method
 from .tofu import default_letters, tome_max_downsample
 
@@ -24,5 +24,5 @@ __all__ = [
     "CATOME_BARE_STEPS", "CATOME_CACHE", "CATOME_INSTALL", "CATOME_THRESHOLD", "METHODS", "REFERENCE", "REGISTRY", "Method",
     "MethodOptions",
     "catome_applied", "check_name", "default_letters", "expand_ratios", "get_method", "method_applied", "method_params",
-    "parse_methods", "parse_name", "ratios_of", "split_name", "tome_max_downsample", "variant_name",
+    "method_of", "parse_methods", "parse_name", "ratios_of", "split_name", "tome_max_downsample", "variant_name",
 ]  # fmt: skip

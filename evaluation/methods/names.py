@@ -1,10 +1,14 @@
 """The names of a run's (or a bench's) methods: a registry entry, or ``<method>@<value>`` for a method at one
 value of its parameter (``tofu@0.5``, ``todo@0.75``). ``--ratios`` expands each method that sweeps into one name
-per ratio (:func:`expand_ratios`)."""
+per ratio (:func:`expand_ratios`).
+
+A ``deepcache+<variant>`` name runs DeepCache at the run's ``--cache-interval``; ``deepcache@N+<variant>`` (e.g.
+``deepcache@4+tofu-kv@0.75``) gives its own interval N, so one run can hold the combination at several intervals,
+each paired with the same ``full`` images."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tofu_sd import TokenFusionConfig
 
@@ -19,11 +23,18 @@ class Name:
 
     method: Method
     value: float | None
+    #: the cache interval a ``deepcache@N+<variant>`` name gives (None: the run's ``--cache-interval``)
+    cache_interval: int | None = None
 
     def __str__(self) -> str:
-        return variant_name(self.method.name, self.value)
+        name = variant_name(self.method.name, self.value)
+        if self.cache_interval is None:
+            return name
+        return name.replace(f"{CACHE_PREFIX}+", f"{CACHE_PREFIX}@{self.cache_interval}+", 1)
 
     def params(self, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
+        if self.cache_interval is not None:
+            more = replace(more or MethodOptions(), cache_interval=self.cache_interval)
         return self.method.parameters(self.value, options, more)
 
 
@@ -32,13 +43,29 @@ def variant_name(method: str, ratio: float | None) -> str:
     return method if ratio is None else f"{method}@{format_ratio(ratio)}"
 
 
+CACHE_PREFIX = "deepcache"  #: the method whose interval a combined name may give: ``deepcache@N+<variant>``
+
+
 def parse_name(name: str) -> Name:
-    """``tofu@0.5`` -> (tofu's entry, 0.5); EvaluationError for an unknown method or a bad value."""
+    """``tofu@0.5`` -> (tofu's entry, 0.5); ``deepcache@4+tofu-kv@0.75`` -> (deepcache+tofu-kv's entry, 0.75,
+    interval 4); EvaluationError for an unknown method or a bad value."""
+    head, plus, rest = name.partition("+")
+    if plus and head.startswith(f"{CACHE_PREFIX}@"):
+        return _with_interval(name, head.partition("@")[2], rest)
     method, at, suffix = name.partition("@")
     entry = get_method(method)
     if not at:
         return Name(entry, None)
     return Name(entry, entry.parameter.parse(method, name, suffix))
+
+
+def _with_interval(name: str, interval: str, variant: str) -> Name:
+    """``deepcache@<interval>+<variant>``: the ``deepcache+<variant>`` entry at that interval."""
+    inner = parse_name(f"{CACHE_PREFIX}+{variant}")
+    if "cache_interval" not in inner.method.takes:
+        raise EvaluationError(f"bad method name {name!r}: {inner.method.name} takes no cache interval")
+    value = get_method(CACHE_PREFIX).parameter.parse(CACHE_PREFIX, name, interval)
+    return Name(inner.method, inner.value, value)
 
 
 def split_name(name: str) -> tuple[str, float | None]:
@@ -87,8 +114,17 @@ def expand_ratios(methods: list[str], ratios: list[float] | None, reduction: Tok
         for r in ratios:
             value = parsed.method.parameter.for_sweep(r)
             if value is not None:
-                names.append(check_name(variant_name(parsed.method.name, value), reduction))
+                names.append(check_name(str(replace(parsed, value=value)), reduction))
     return list(dict.fromkeys(names))
+
+
+def method_of(name: str) -> str:
+    """The registry entry a name belongs to, without parsing its value: ``tofu@0.5`` -> ``tofu``,
+    ``deepcache@4+tofu-kv@0.75`` -> ``deepcache+tofu-kv``."""
+    head, plus, rest = name.partition("+")
+    if plus and head.startswith(f"{CACHE_PREFIX}@"):
+        name = f"{CACHE_PREFIX}+{rest}"
+    return name.partition("@")[0]
 
 
 def split_list(text: str) -> list[str]:
@@ -98,7 +134,7 @@ def split_list(text: str) -> list[str]:
 def normal_names(names: list[str], reduction: TokenFusionConfig, noun: str = "method") -> list[str]:
     """``names`` checked (:func:`check_name`) and in normal form; EvaluationError for an unknown or repeated one
     (``noun``: what the command calls them, ``method`` or ``variant``)."""
-    unknown = [m for m in names if m.partition("@")[0] not in REGISTRY]
+    unknown = [m for m in names if method_of(m) not in REGISTRY]
     if unknown or not names:
         raise EvaluationError(f"unknown {noun}(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(REGISTRY)}")
     normal = [check_name(m, reduction) for m in names]

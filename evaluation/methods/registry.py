@@ -86,6 +86,7 @@ def _cache_and(cache: caches.Cache, variant: Method) -> Method:
 
 TOFU = _tofu("tofu", "Token Fusion (tofu_sd.apply) with the run's options", bench_pairs="reducer")
 TOFU_KV = _tofu("tofu-kv", 'tofu keeping every query: keys and values from the reduced tokens (reduce="kv")', reduce="kv")
+TOFU_KV_LOCAL = _tofu("tofu-kv-local", "tofu-kv with local matching", reduce="kv", matching="local")
 TOFU_FF = _tofu("tofu+ff", 'tofu with the feed-forward on the reduced tokens too (modules="attn1,ff")', ("attn1", "ff"))
 
 
@@ -100,7 +101,7 @@ ENTRIES = (
     _tofu("tofu-M", "tofu with MLERP merging (M) in every block", schedule="M"),
     _tofu("tofu-local", 'tofu with local matching (matching="local")', bench_pairs="reducer", matching="local"),
     TOFU_KV,
-    _tofu("tofu-kv-local", 'tofu-kv with local matching', reduce="kv", matching="local"),
+    TOFU_KV_LOCAL,
     TOFU_FF,
     _tofu("tofu+attn2", 'tofu with cross-attention on the reduced tokens too (modules="attn1,attn2")', ("attn1", "attn2")),
     _tofu("tofu+attn2+ff", "tofu with cross-attention and the feed-forward on the reduced tokens too",
@@ -127,6 +128,7 @@ ENTRIES = (
            requires=DEEPCACHE, step_mix=deepcache.deepcache_mix, unet_only=DEEPCACHE_UNET, step_options=()),  # fmt: skip
     _deepcache_around(TOFU),
     _deepcache_around(TOFU_KV),
+    _deepcache_around(TOFU_KV_LOCAL),
     _deepcache_around(TOFU_FF),
     *(_cache(cache) for cache in caches.CACHES),
     *(_cache_and(cache, TOFU) for cache in caches.CACHES),
