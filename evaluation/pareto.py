@@ -140,9 +140,17 @@ def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str
     for name in methods:
         for key, default in STEP_DEFAULTS.items():
             mine = (step_options.get(name) or {}).get(key)
-            if mine is not None and mine != bench.get(key, default):
-                problems.append(f"  {name}: the run's {key} is {mine}, the bench's {bench.get(key, default)} (--{key.replace('_', '-')})")
+            theirs = _timed_with(bench, name, key, bench.get(key, default))
+            if mine is not None and mine != theirs:
+                problems.append(f"  {name}: the run's {key} is {mine}, the bench's {theirs} (--{key.replace('_', '-')})")
     return problems
+
+
+def _timed_with(bench: dict, name: str, key: str, default):
+    """The value of ``key`` that the bench recorded for variant ``name`` itself (a ``deepcache@N+<variant>`` name's
+    own ``cache_interval``), else the bench's ``default``."""
+    values = {step["variants"][name].get(key, default) for step in bench["steps"].values() if name in step["variants"]}
+    return values.pop() if len(values) == 1 else default
 
 
 #: What the benches merged by one ``--cost`` must share: they stand for one cost axis.

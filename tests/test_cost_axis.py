@@ -313,3 +313,18 @@ def test_evaluate_takes_max_downsample_from_the_run():
     assert {m for m in methods if got[m].get("max_downsample") == 2} == {
         "tofu@0.5", "tome+mlp@0.5", "todo@0.75", "deepcache+tofu@0.5", "oracle@0.5"}
     assert got["full"] == {} and got["deepcache@3"] == {}
+
+
+def test_a_name_with_its_own_cache_interval_is_checked_against_its_own_timing(tmp_path):
+    """``deepcache@4+tofu-kv@0.75`` was timed at interval 4 whatever the bench's --cache-interval: accepted for a
+    run where it ran at 4, refused (naming the bench's 4) where the run's entry says 2."""
+    bench = bench_json()
+    for step in bench["steps"].values():
+        step["variants"]["deepcache@4+tofu-kv@0.75"] = {**timing([0.3, 0.4, 0.35]), "cache_interval": 4}
+    path = write_bench(tmp_path, bench)
+    run = ["full", "deepcache@4+tofu-kv@0.75"]
+    ratios = {"full": None, "deepcache@4+tofu-kv@0.75": 0.75}
+    cost = bench_cost(path, run, ratios, {"deepcache@4+tofu-kv@0.75": {"cache_interval": 4}})
+    assert cost["points"]["deepcache@4+tofu-kv@0.75"]["step_vs_full"]["512"] > 0
+    with pytest.raises(EvaluationError, match="the run's cache_interval is 2, the bench's 4"):
+        bench_cost(path, run, ratios, {"deepcache@4+tofu-kv@0.75": {"cache_interval": 2}})
