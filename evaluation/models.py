@@ -232,8 +232,8 @@ def refuse_unet_only(methods, model: str, option: str = "--model", works=None) -
     if refused:
         lines = "; ".join(f"{m}: {why}" for m, why in refused)
         instead = ", ".join(works) if works is not None else (
-            f"{', '.join(transformer_methods())}, where tofu_sd.apply accepts their options (it refuses reduce='kv' "
-            "on SD3 and Flux, and the +<module> variants on every transformer)"
+            f"{', '.join(transformer_methods())}, where tofu_sd.apply accepts their options (it refuses the "
+            "+<module> variants on every transformer, and tofu-kv on a family without reduce='kv')"
         )  # fmt: skip
         raise EvaluationError(
             f"{option} {model} is a diffusion transformer, and {', '.join(m for m, _ in refused)} "
@@ -267,7 +267,7 @@ def refuse_transformer_only(methods, model: str, option: str = "--model") -> Non
 def check_methods(pipe, model: str, methods, options, more=None) -> None:
     """EvaluationError, before anything is generated, if ``pipe`` cannot run one of ``methods``: on a diffusion
     transformer the U-Net-only methods (:func:`refuse_unet_only`), and each method that its patch (``tofu_sd.apply``)
-    refuses there (``tofu-kv`` on SD3 and Flux, the ``+ff`` / ``+attn2`` variants), found by applying and
+    refuses there (the ``+ff`` / ``+attn2`` variants; ``tofu-kv`` on a family without ``reduce="kv"``), found by applying and
     removing it (``apply`` checks everything before it touches the model). On a U-Net: the methods that run on
     diffusion transformers only (:func:`refuse_transformer_only`), and ``--blocks``, which only diffusion
     transformers take."""

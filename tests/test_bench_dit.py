@@ -60,7 +60,7 @@ def test_bench_runs_a_tiny_transformer_and_writes_the_targets(tmp_path, capsys, 
 
 def test_a_transformer_runs_the_variants_that_run_on_it_by_default():
     names = transformer_variants_checked("tiny-flux-random", None, 0.5, bench_options(), None)
-    assert names == ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local", "oracle"]  # no tofu-kv on Flux
+    assert names == ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local", "tofu-kv", "tofu-kv-local", "oracle"]
     assert transformer_variants_checked("tiny-sd3-random", ["tofu@.3", "oracle@0.3"], 0.5, bench_options(), None) == [
         "tofu@0.3", "oracle@0.3"
     ]  # fmt: skip
@@ -291,14 +291,13 @@ def test_unet_only_variants_are_refused_by_name_before_building(nothing_built, c
     assert main(["bench", "--arch", arch, "--variants", "full,tome,todo@0.75,tofu", "--no-ops"]) == 2
     err = capsys.readouterr().err
     assert f"--arch {arch} is a diffusion transformer, and tome, todo@0.75 run on U-Nets only (tome: the tomesd" in err
-    assert "On diffusion transformers give full, tofu, tofu-P, tofu-A, tofu-M, tofu-local, oracle" in err
+    assert "On diffusion transformers give full, tofu, tofu-P, tofu-A, tofu-M, tofu-local, tofu-kv, tofu-kv-local, oracle" in err
     for variant in ("deepcache+tofu", "catome", "tome+mlp"):
         with pytest.raises(EvaluationError, match=re.escape(f"and {variant} runs on U-Nets only ({variant}: ")):
             run_bench(arch=arch, variants=("full", variant), ops=False, overhead_tokens=(), log=lambda m: None)
 
 
-@pytest.mark.parametrize("variant,why", [("tofu-kv", "reduce='kv' is not supported for SD3"),
-                                         ("tofu+ff@0.5", "chooses sub-modules of U-Net blocks")])  # fmt: skip
+@pytest.mark.parametrize("variant,why", [("tofu+ff@0.5", "chooses sub-modules of U-Net blocks")])
 def test_variants_whose_patch_refuses_the_transformer_are_refused_before_building(nothing_built, variant, why):
     start = re.escape(f"variant {variant} cannot run on --arch sd3-medium (a SD3Transformer2DModel): ")
     with pytest.raises(EvaluationError, match=f"{start}.*{why}.* Variants that run on it: full, tofu, "):

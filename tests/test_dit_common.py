@@ -1,7 +1,8 @@
-"""Tiny diffusion transformers (SD3 / SD3.5, PixArt, Flux) for the diffusion-transformer tests, recording helpers, and the
-tests that concern every architecture alike (the ``blocks`` option, dispatch, errors)."""
+"""Tiny diffusion transformers (SD3 / SD3.5, PixArt, Flux, Qwen-Image) for the diffusion-transformer tests,
+recording helpers, and the tests that concern every architecture alike (the ``blocks`` option, dispatch, errors)."""
 
 import contextlib
+import functools
 import types
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from diffusers import (
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
 )
 
@@ -89,6 +91,28 @@ def flux_inputs(model, batch=2, h=6, w=4, text=5, timestep=0.5, seed=1):
         "timestep": torch.full((batch,), float(timestep)),
         "img_ids": grid_ids(h, w),
         "txt_ids": torch.zeros(text, 3),
+    }
+
+
+def tiny_qwenimage(num_layers=2, seed=0):
+    """A Qwen-Image transformer: 2 heads of 16 (rotary axes 4 + 6 + 6), 16 channels (4 packed 2 x 2)."""
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()  # fmt: skip
+
+
+def qwenimage_inputs(model, batch=2, h=6, w=4, text=5, timestep=0.5, seed=1, mask=None):
+    """Keyword arguments of a Qwen-Image call on an ``h x w`` token grid, as QwenImagePipeline passes them
+    (``img_shapes`` one ``(1, h, w)`` per batch element, timesteps in [0, 1]); ``mask``: the text's padding mask."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, h * w, model.config.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text, model.config.joint_attention_dim, generator=g),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.full((batch,), float(timestep)),
+        "img_shapes": [[(1, h, w)]] * batch,
     }
 
 
@@ -209,7 +233,7 @@ def test_bad_blocks_are_refused(spec):
 
 def test_default_schedule_merges_with_mlerp_in_every_block():
     """analyze's proposal for the trained DiT (no block's FL near 1/sqrt(2)), for any number of blocks."""
-    for model in (tiny_sd3(), tiny_flux(), tiny_pixart()):
+    for model in (tiny_sd3(), tiny_flux(), tiny_pixart(), tiny_qwenimage()):
         family = family_of(model)
         assert [family.default_schedule([None] * n) for n in (1, 2, 3, 24, 57)] == ["M", "MM", "MMM", "M" * 24, "M" * 57]
 
@@ -220,7 +244,7 @@ def test_blocks_on_a_unet_is_refused(unet_sd15):
     assert tofu_sd.get_state(unet_sd15) is None
 
 
-@pytest.mark.parametrize("build", [tiny_sd3, tiny_pixart, tiny_flux])
+@pytest.mark.parametrize("build", [tiny_sd3, tiny_pixart, tiny_flux, tiny_qwenimage])
 def test_pipelines_and_compiled_models_dispatch_to_the_transformer(build):
     model = build()
     pipe = types.SimpleNamespace(transformer=torch.compile(model, backend="aot_eager"))
@@ -238,7 +262,7 @@ def test_an_unsupported_transformer_is_refused():
         tofu_sd.apply(pipe)
 
 
-@pytest.mark.parametrize("build", [tiny_sd3, tiny_pixart, tiny_flux])
+@pytest.mark.parametrize("build", [tiny_sd3, tiny_pixart, tiny_flux, functools.partial(tiny_qwenimage, num_layers=3)])
 def test_unet_options_and_bad_block_indices_are_refused(build):
     model = build()
     with pytest.raises(ValueError, match="max_downsample=2 only means something for U-Nets"):
@@ -252,7 +276,9 @@ def test_unet_options_and_bad_block_indices_are_refused(build):
     assert_unpatched(model)
 
 
-@pytest.mark.parametrize("build,inputs", [(tiny_sd3, sd3_inputs), (tiny_flux, flux_inputs)])
+@pytest.mark.parametrize(
+    "build,inputs", [(tiny_sd3, sd3_inputs), (tiny_flux, flux_inputs), (tiny_qwenimage, qwenimage_inputs)]
+)
 def test_deep_copy_is_patched_alike_and_independent(build, inputs):
     import copy
 

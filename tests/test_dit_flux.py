@@ -214,8 +214,6 @@ def test_rematch_every_in_a_compiled_model():
 
 def test_unsupported_options_are_refused():
     model = tiny_flux()
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for Flux"):
-        tofu_sd.apply(model, reduce="kv")
     model.single_transformer_blocks[1].attn.set_processor(FluxIPAdapterAttnProcessor(32, 32))
     with pytest.raises(ValueError, match="single_transformer_blocks.1.attn: its attention processor FluxIPAdapter"):
         tofu_sd.apply(model)

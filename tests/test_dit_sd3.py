@@ -231,8 +231,6 @@ def test_ratio_zero_is_a_no_op_and_remove_is_exact():
 
 def test_unsupported_options_are_refused():
     model = tiny_sd3(num_layers=2)
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for SD3"):
-        tofu_sd.apply(model, reduce="kv")
     model.transformer_blocks[1].attn.set_processor(PAGJointAttnProcessor2_0())
     with pytest.raises(ValueError, match="transformer_blocks.1.attn: its attention processor PAGJointAttnProcessor2_0"):
         tofu_sd.apply(model)

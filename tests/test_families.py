@@ -11,7 +11,19 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import tofu_sd
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
-from tests.test_dit_common import flux_inputs, pixart_inputs, sd3_inputs, tiny_flux, tiny_pixart, tiny_sd3
+from tests.test_dit_common import (
+    flux_inputs,
+    pixart_inputs,
+    qwenimage_inputs,
+    sd3_inputs,
+    tiny_flux,
+    tiny_pixart,
+    tiny_qwenimage,
+    tiny_sd3,
+)
+from tests.test_dit_flux2 import flux2_inputs, tiny_flux2
+from tests.test_dit_sana import sana_inputs, tiny_sana
+from tests.test_dit_wan import tiny_wan, wan_inputs
 from tofu_sd import Family, Site, TokenFusionConfig
 from tofu_sd.families import family_of
 
@@ -37,6 +49,10 @@ FAMILIES = {
     "sd3.5": (functools.partial(tiny_sd3, dual_attention_layers=(0, 2)), sd3_inputs, 48, "attn"),
     "pixart": (tiny_pixart, pixart_inputs, 24, "attn1"),
     "flux": (tiny_flux, flux_inputs, 24, "attn"),
+    "flux2": (tiny_flux2, flux2_inputs, 24, "attn"),  # its double-stream blocks
+    "wan": (tiny_wan, wan_inputs, 60, "attn1"),  # 5 frames of 3 x 4 tokens
+    "qwen-image": (tiny_qwenimage, qwenimage_inputs, 24, "attn"),
+    "sana": (tiny_sana, sana_inputs, 24, "attn1"),  # a 12 x 8 latent in 2 x 2 patches
 }
 
 
@@ -77,7 +93,11 @@ def test_apply_and_remove_on_every_family(family):
 
 def test_the_family_of_each_model_class():
     names = {family: family_of(FAMILIES[family][0]()).name for family in FAMILIES}
-    assert names == {"sd15": "U-Net", "sdxl": "U-Net", "sd3": "SD3", "sd3.5": "SD3", "pixart": "PixArt", "flux": "Flux"}
+    assert names == {
+        "sd15": "U-Net", "sdxl": "U-Net", "sd3": "SD3", "sd3.5": "SD3", "pixart": "PixArt", "flux": "Flux",
+        "flux2": "FLUX.2",
+        "qwen-image": "Qwen-Image", "wan": "Wan", "sana": "Sana",
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

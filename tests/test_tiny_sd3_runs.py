@@ -35,7 +35,7 @@ TINY_TRANSFORMER = dict(
 TINY_TEXT_2 = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                    max_position_embeddings=16, projection_dim=16)  # fmt: skip
 UNET_ONLY = ("tome", "tome+mlp", "todo", "catome", "deepcache", "deepcache@4", "deepcache+tofu")
-DIT_METHODS = ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local", "oracle"]
+DIT_METHODS = ["full", "tofu", "tofu-P", "tofu-A", "tofu-M", "tofu-local", "tofu-kv", "tofu-kv-local", "oracle"]
 
 
 def tiny_sd3_pipeline(seed: int = 0, transformer: dict | None = None):
@@ -166,7 +166,6 @@ def test_generate_runs_every_tofu_method_on_the_transformer(tiny_sd3, tmp_path, 
 
 
 @pytest.mark.parametrize(("method", "why"), [
-    ("tofu-kv", "reduce='kv' is not supported for SD3"),
     ("tofu+ff", "modules=.* chooses sub-modules of U-Net blocks"),
 ])  # fmt: skip
 def test_tofu_variants_that_tofu_sd_refuses_stop_before_any_image(tiny_sd3, tmp_path, method, why):

@@ -86,7 +86,7 @@ def apply_token_fusion(obj: object, config: TokenFusionConfig) -> TokenFusionSta
     family.check(model, sites, config)
     names = [site.name for site in sites]
     schedule = family.default_schedule(sites) if config.schedule is None else config.resolve_schedule(names)
-    config = replace(config, seed=0 if config.seed is None else config.seed)
+    config = replace(config, seed=0 if config.seed is None else config.seed, st=family.frames_per_cell(config))
     state = TokenFusionState(config, tuple(PatchedBlock(s.name, letter, s.downsample) for s, letter in zip(sites, schedule)))
 
     remove_token_fusion(obj)

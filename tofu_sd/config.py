@@ -26,7 +26,7 @@ class TokenFusionConfig:
         ratio (`float`, defaults to `0.5`):
             Fraction of the tokens removed before self-attention (or each of the ``modules``) in each patched
             block: ``r = int(N * ratio)`` (with ``reduce="kv"``, removed from self-attention's keys and values only).
-            Must lie in ``[0, 1 - 1 / (sx * sy)]`` (0.75 with the default 2x2 cells). ``0`` hooks nothing: the
+            Must lie in ``[0, 1 - 1 / (sx * sy * st)]`` (0.75 with the default 2x2 cells; ``st`` unset counts as 1). ``0`` hooks nothing: the
             model stays bit-identical. Any real number is accepted (numpy scalars, one-element tensors) and stored as a Python ``float``.
         schedule (`str`, *optional*):
             How each patched block reduces, one letter per block in forward order: ``P`` pruned merging (drop the
@@ -43,6 +43,17 @@ class TokenFusionConfig:
         sy (`int`, defaults to `2`):
             Height, in tokens, of the cells that each hold one destination token. Rows left over when the
             grid's height is no multiple of ``sy`` hold sources only.
+        st (`int`, *optional*):
+            Extent, in frames, of the cells of a video model's ``frames x height x width`` token grid (Wan): each
+            ``st x sy x sx`` cell holds one destination, so its sources may merge into a destination of a
+            neighbouring frame. ``None`` takes the family's default: ``2`` for video, because neighbouring frames
+            hold a video's most similar tokens: one destination per cell of a frame pair still leaves each source
+            a near twin close by, while 7 of 8 tokens are sources to pick the ``r`` most similar pairs from (3 of
+            4 with ``1``, which gives spatial cells in every frame). Frames left over when the frame
+            count is no multiple of ``st`` hold sources only (Wan 2.1's 21 latent frames of an 81-frame video:
+            10 cells of two frames, then one frame of sources); a grid with fewer frames than ``st`` takes cells
+            of all its frames. Local matching's window spans ``local_window`` cells over frames too. Image
+            models have no frames: there ``st`` must be ``None`` or ``1``.
         use_rand (`bool`, defaults to `True`):
             Place each cell's destination at a random position (seeded, per block and timestep) rather than at
             the cell's top-left token.
@@ -69,10 +80,18 @@ class TokenFusionConfig:
             ``A`` / ``M`` merge them into their destination), with proportional attention: each reduced key's
             logit gains ``log(s)``, ``s`` being the number of tokens it stands for (its destination and the
             sources matched to it; 1 for an unmatched token), so ``s`` identical tokens weigh as they do in
-            full attention. No restore step. It runs through the attention's own diffusers processor (the
-            reduced tokens as its ``encoder_hidden_states``, the bias as an additive ``attention_mask``), so the
-            attention backend stays the user's; fused QKV projections work too. A call with its own attention
-            mask, or through a PAG processor, is left unreduced. U-Nets and PixArt; refused on SD3 and Flux.
+            full attention. No restore step. On U-Nets and PixArt it runs through the attention's own diffusers
+            processor (the reduced tokens as its ``encoder_hidden_states``, the bias as an additive
+            ``attention_mask``), so the attention backend stays the user's; fused QKV projections work too. A
+            call with its own attention mask, or through a PAG processor, is left unreduced. On SD3 / SD3.5 and
+            Flux, whose joint attentions take text and image together, Token Fusion runs each patched attention
+            itself as ``JointAttnProcessor2_0`` / ``FluxAttnProcessor`` would, with the module's own weights:
+            every query, text and image, is kept; the image keys and values come from the reduced image tokens
+            (on Flux each with the rotary position of its slot's token: its own, or a merged group's
+            destination's), the text keys and values are untouched, and the bias goes to
+            ``scaled_dot_product_attention`` (SD3, as its processor) or to diffusers' attention dispatch with the
+            processor's backend (Flux: one that takes an additive mask, e.g. native; flash and sage refuse it).
+            Other processors (IP-Adapter, PAG, xformers) and fused QKV projections are refused there.
         rematch_every (`int`, defaults to `1`):
             Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
             the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and
@@ -115,7 +134,7 @@ class TokenFusionConfig:
             cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce around the
             attentions their family names (leave ``modules`` at its default there).
         blocks (`str` or `tuple[int, ...]`, *optional*):
-            Which blocks of a diffusion transformer (SD3, PixArt, Flux; see :mod:`tofu_sd.families`) are patched, by
+            Which blocks of a diffusion transformer (SD3, PixArt, Flux, Wan; see :mod:`tofu_sd.families`) are patched, by
             index in forward order (Flux: its double-stream blocks, then its single-stream blocks): a tuple of
             ints, or a string of indices and inclusive ranges, e.g. ``"0-11"`` or ``"0-3,8,20-23"``. ``None``
             patches every block. Only for diffusion transformers: U-Nets choose their blocks by resolution
@@ -127,6 +146,7 @@ class TokenFusionConfig:
     max_downsample: int = 1
     sx: int = 2
     sy: int = 2
+    st: int | None = None
     use_rand: bool = True
     seed: int | None = None
     matching: str = "global"
@@ -148,6 +168,8 @@ class TokenFusionConfig:
                 raise ValueError(f"{name} must be an int, got {value!r}.")
         if self.sx < 1 or self.sy < 1:
             raise ValueError(f"sx and sy must be >= 1, got sx={self.sx}, sy={self.sy}.")
+        if self.st is not None and (isinstance(self.st, bool) or not isinstance(self.st, int) or self.st < 1):
+            raise ValueError(f"st must be None (the family's default) or an int >= 1 (frames per cell), got {self.st!r}.")
         if self.max_downsample < 1 or self.max_downsample & (self.max_downsample - 1):
             raise ValueError(f"max_downsample must be a power of two (1, 2, 4 or 8), got {self.max_downsample}.")
         if self.matching not in MATCHINGS:
@@ -169,13 +191,17 @@ class TokenFusionConfig:
             )
         if not isinstance(self.ratio, float):
             raise ValueError(f"ratio must be a real number in [0, 1), got {self.ratio!r}.")
-        limit = 1 - 1 / (self.sx * self.sy)
+        cell = self.sx * self.sy * (self.st or 1)
+        limit = 1 - 1 / cell
         if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}; 0.5 is the usual choice.")
         if self.ratio > limit + 1e-9:
+            shape = f"{self.sx}x{self.sy}" + ("" if self.st is None else f"x{self.st}")
             raise ValueError(
-                f"ratio={self.ratio} removes more tokens than {self.sx}x{self.sy} cells allow (at most "
-                f"1 - 1/(sx*sy) = {limit:.4g}, one destination per cell); lower ratio or enlarge sx/sy."
+                f"ratio={self.ratio} removes more tokens than {shape} cells allow (at most "
+                f"1 - 1/({'sx*sy' if self.st is None else 'sx*sy*st'}) = {limit:.4g}, one destination per cell); "
+                "lower ratio or enlarge sx/sy"
+                + ("." if self.st is None else "/st.")
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}.")

@@ -121,8 +121,9 @@ def _set_below(fn_ref: HookFunctionReference, forward: Callable) -> None:
 
 
 def register_innermost(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    """Register ``hook`` (a hook without ``new_forward``) on ``module`` through diffusers' registry, innermost:
-    it wraps the module's forward directly, below every hook registered before it."""
+    """Register ``hook`` on ``module`` through diffusers' registry, innermost: it wraps the module's forward
+    directly, below every hook registered before it. A hook with ``new_forward`` runs that instead of the
+    forward, which it reaches as ``hook.fn_ref.original_forward`` (as diffusers' own registration does)."""
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if not registry._fn_refs:
         registry.register_hook(hook, name)
@@ -132,8 +133,12 @@ def register_innermost(module: torch.nn.Module, hook: ModelHook, name: str) -> N
     registry._module_ref = hook.initialize_hook(registry._module_ref)
     first = registry._fn_refs[0]
     fn_ref = HookFunctionReference()
-    fn_ref.pre_forward, fn_ref.post_forward, fn_ref.forward = hook.pre_forward, hook.post_forward, _below(first)
-    _set_below(first, functools.update_wrapper(functools.partial(_run_hook, fn_ref, registry._module_ref), fn_ref.forward))
+    below = _below(first)
+    fn_ref.pre_forward, fn_ref.post_forward, fn_ref.forward = hook.pre_forward, hook.post_forward, below
+    if hasattr(hook, "new_forward"):
+        fn_ref.original_forward = below
+        fn_ref.forward = functools.update_wrapper(functools.partial(hook.new_forward, registry._module_ref), hook.new_forward)
+    _set_below(first, functools.update_wrapper(functools.partial(_run_hook, fn_ref, registry._module_ref), below))
     hook.fn_ref = fn_ref
     registry.hooks[name] = hook
     registry._hook_order.insert(0, name)

@@ -3,7 +3,8 @@
 - :class:`CallHook` (torch hooks on the model) starts and ends the model call's :class:`~tofu_sd.state.CallState`
   at the call's timestep (the random partition's key, and the step count of ``rematch_every``);
 - :class:`GridHook` (torch hooks on each module whose call carries a token grid: a U-Net's
-  ``Transformer2DModel`` s, or the diffusion transformer itself) records that grid as its family finds it;
+  ``Transformer2DModel`` s, or the diffusion transformer itself) records that grid as its family finds it
+  (``(h, w)``, or a video's ``(frames, h, w)``);
 - :class:`MatchingHook` (a registry hook on each patched block) matches the block's input tokens on that grid,
   or takes the matching stored at an earlier step (``rematch_every``) or kept for a recomputation (gradient
   checkpointing), and frees it when the block returns.
@@ -20,7 +21,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .arguments import argument
-from .state import BlockState, CallState, GridState
+from .state import BlockState, CallState, GridState, grid_3d
 
 CALL_HOOK = "tofu_sd.call"
 GRID_HOOK = "tofu_sd.grid"
@@ -87,8 +88,10 @@ class MatchingHook(ModelHook):
             return args, kwargs
         m = self.call.recompute.find(self.index, x)
         grid = self.grid.grid
-        if m is None and grid is not None and grid[0] * grid[1] == x.shape[1]:
-            m = self.call.matching(self.index, grid[0], grid[1], x)
+        if m is None and grid is not None:
+            f, h, w = grid_3d(grid)
+            if f * h * w == x.shape[1]:
+                m = self.call.matching(self.index, (f, h, w), x)
         self.state.matching = m
         if m is not None and self.text_len:
             self.state.text_len = argument(args, kwargs, 1, "encoder_hidden_states").shape[1]

@@ -6,7 +6,8 @@ rotary hooks where the family has rotary positions; registry hooks, each innermo
 Once per model a :class:`~tofu_sd.hooks.CallHook`, and once per grid-carrying module a
 :class:`~tofu_sd.hooks.GridHook`, as torch module hooks (run as Python outside compiled graphs where they sit on
 the model itself). A ``reduce="kv"`` attention without ``to_kv`` gets a
-:class:`~tofu_sd.reducing.KeyValueProjection` for fused projections. :func:`uninstall` removes exactly these.
+:class:`~tofu_sd.reducing.KeyValueProjection` for fused projections; a family's joint attention (SD3, Flux) a
+:class:`~tofu_sd.joint_kv.JointKeyValueHook` instead, which runs it. :func:`uninstall` removes exactly these.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .config import TokenFusionConfig
 from .families import Family, Site
 from .hooking import TorchHooks, get_torch_hook, register_innermost, torch_hooks, unregister_all
 from .hooks import CALL_HOOK, GRID_HOOK, MATCHING_HOOK, CallHook, GridHook, MatchingHook
+from .joint_kv import JointKeyValueHook
 from .reducing import (
     REDUCE_HOOK,
     ROTARY_HOOK,
@@ -53,6 +55,10 @@ def _install_block(family: Family, site: Site, letter: str, matching: MatchingHo
     state = matching.state
     for part in family.parts(site, config):
         module = site.block.get_submodule(part.name)
+        if part.kind == "kv" and family.joint_attention is not None:
+            hook = JointKeyValueHook(state, letter, family.joint_attention, text_first=site.single_stream)
+            register_innermost(module, hook, REDUCE_HOOK)
+            continue
         if part.kind == "kv":
             register_innermost(module, KeyValueHook(state, letter), REDUCE_HOOK)
             if not hasattr(module, "to_kv"):
@@ -61,11 +67,12 @@ def _install_block(family: Family, site: Site, letter: str, matching: MatchingHo
         if part.kind == "single":
             hook = SingleStreamHook(state, letter)
         else:
-            hook = ReduceRestoreHook(state, letter, chunks=part.chunks, key_mask=part.key_mask, rotary=bool(family.rotary_norms))
+            rotary = family.rotary_layout if family.rotary_norms else None
+            hook = ReduceRestoreHook(state, letter, chunks=part.chunks, key_mask=part.key_mask, rotary=rotary)
         register_innermost(module, hook, REDUCE_HOOK)
         for norm, text in family.rotary_norms:
             if getattr(module, norm, None) is not None:
-                register_innermost(getattr(module, norm), RotaryHook(state, text), ROTARY_HOOK)
+                register_innermost(getattr(module, norm), RotaryHook(state, text, family.rotary_layout), ROTARY_HOOK)
 
 
 def uninstall(model: torch.nn.Module) -> bool:

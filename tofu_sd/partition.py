@@ -1,4 +1,5 @@
-"""Which tokens are destinations: one per ``sy x sx`` cell of the token grid, at a seeded random position.
+"""Which tokens are destinations: one per ``sy x sx`` cell of the token grid (``st x sy x sx`` over the frames of a
+video's ``frames x h x w`` grid), at a seeded random position.
 
 The destination of a cell is chosen by a counter-based generator: a PCG hash of ``(seed, stream, timestep key,
 cell index)``. Equal arguments give equal positions on any device, without a random generator's state, so
@@ -7,7 +8,8 @@ timestep, share one partition. ``stream`` separates the patched blocks of a U-Ne
 
 The *partition order* of a grid's ``N`` tokens is: the sources of each full cell in cell order (row-major;
 inside a cell the members other than the destination, row-major), then the tokens in no full cell (leftover
-columns, then leftover rows), then the destinations, one per cell in cell order.
+columns, then leftover rows, then leftover frames), then the destinations, one per cell in cell order. An image
+grid is a video grid of one frame with ``st = 1``: the same order, bit for bit.
 """
 
 from __future__ import annotations
@@ -75,22 +77,29 @@ def block_offsets(
     return _pcg_hash((key * 0x27D4EB2F + static) & _MASK32) % cell_size
 
 
+def leftover_positions(grid: torch.Tensor, sx: int, sy: int, st: int = 1) -> torch.Tensor:
+    """The positions of ``grid`` ``(frames, h, w)`` (its flat positions) in no full ``st x sy x sx`` cell, in
+    partition order: leftover columns, then leftover rows (of the frames in full cells), then leftover frames."""
+    t, h, w = (n // s * s for n, s in zip(grid.shape, (st, sy, sx)))
+    return torch.cat([grid[:t, :h, w:].reshape(-1), grid[:t, h:, :].reshape(-1), grid[t:].reshape(-1)])
+
+
 @functools.lru_cache(maxsize=64)
-def _cell_tables(h: int, w: int, sx: int, sy: int, device: torch.device):
-    """Static index tables of an ``h x w`` grid in ``sy x sx`` cells, built once per grid and device.
+def _cell_tables(h: int, w: int, sx: int, sy: int, device: torch.device, frames: int = 1, st: int = 1):
+    """Static index tables of a ``frames x h x w`` grid in ``st x sy x sx`` cells, built once per grid and device.
 
     Returns ``(table, cell_of_slot, num_src)``: ``table[i, o]`` is the position at slot ``i`` of the partition
     order when the destination of the slot's cell (``cell_of_slot[i]``) is its member ``o``.
     """
-    cells_h, cells_w, k = h // sy, w // sx, sx * sy
-    cells = cells_h * cells_w
-    grid = torch.arange(h * w, device=device).view(h, w)
-    members = grid[: cells_h * sy, : cells_w * sx].reshape(cells_h, sy, cells_w, sx).permute(0, 2, 1, 3)
-    members = members.reshape(cells, k)
+    cells_t, cells_h, cells_w, k = frames // st, h // sy, w // sx, st * sx * sy
+    cells = cells_t * cells_h * cells_w
+    grid = torch.arange(frames * h * w, device=device).view(frames, h, w)
+    members = grid[: cells_t * st, : cells_h * sy, : cells_w * sx].reshape(cells_t, st, cells_h, sy, cells_w, sx)
+    members = members.permute(0, 2, 4, 1, 3, 5).reshape(cells, k)
     # The k - 1 members other than o, in order: member m of the others is m + (m >= o).
     rest = torch.arange(k - 1, device=device).unsqueeze(0)
     others = rest + (rest >= torch.arange(k, device=device).unsqueeze(1)).long()  # (k, k - 1)
-    leftover = torch.cat([grid[: cells_h * sy, cells_w * sx :].reshape(-1), grid[cells_h * sy :, :].reshape(-1)])
+    leftover = leftover_positions(grid, sx, sy, st)
     src_table = members[:, others].permute(0, 2, 1).reshape(cells * (k - 1), k)
     table = torch.cat([src_table, leftover.unsqueeze(1).expand(-1, k), members])
     cell_ids = torch.arange(cells, device=device)
@@ -99,18 +108,22 @@ def _cell_tables(h: int, w: int, sx: int, sy: int, device: torch.device):
 
 
 def partition_order(
-    h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None = None, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, int]:
-    """Positions of the ``h x w`` grid in partition order (sources, then destinations), and the number of sources.
+    h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None = None, device: torch.device | str | None = None,
+    *, frames: int = 1, st: int = 1,
+) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Positions of the ``h x w`` grid (``frames x h x w``: frame-major) in partition order (sources, then
+    destinations), and the number of sources.
 
     ``offsets`` ``(L, cells)`` holds, for each of ``L`` blocks, each full cell's destination (row-major inside
-    the cell); ``None`` puts every destination at its cell's top-left. Returns ``(order, num_src)`` with
-    ``order`` of shape ``(L, N)``, or ``(N,)`` without offsets.
+    the cell: over frames, rows, columns); ``None`` puts every destination at its cell's first member. Returns
+    ``(order, num_src)`` with ``order`` of shape ``(L, N)``, or ``(N,)`` without offsets.
     """
     device = torch.device(offsets.device if offsets is not None else (device or "cpu"))
-    table, cell_of_slot, num_src = cached(_cell_tables, h, w, sx, sy, device)
+    table, cell_of_slot, num_src = cached(_cell_tables, h, w, sx, sy, device, frames, st)
     if offsets is None:
         return table[:, 0], num_src
+    if offsets.shape[1] == 0:  # no full cell (a grid thinner than a cell): no destination to place
+        return table[:, 0].expand(offsets.shape[0], -1), num_src
     slot_offsets = offsets.index_select(1, cell_of_slot)  # (L, N): the offset of each slot's cell
     order = table.expand(offsets.shape[0], -1, -1).gather(2, slot_offsets.unsqueeze(2)).squeeze(2)
     return order, num_src

@@ -78,52 +78,71 @@ def _tile_width(cells_w: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _local_tables(h: int, w: int, sx: int, sy: int, window: int, batch: int, dtype: torch.dtype, device: torch.device):
-    """Candidate destinations of local matching on one grid.
+def _local_tables(
+    h: int, w: int, sx: int, sy: int, window: int, batch: int, dtype: torch.dtype, device: torch.device,
+    frames: int = 1, st: int = 1,
+):  # fmt: skip
+    """Candidate destinations of local matching on one grid (``frames x h x w`` in ``st x sy x sx`` cells).
 
     Sources of full cells are matched in *tiles* of ``T`` consecutive cells of a row (``T`` divides the cells
     per row, at most :data:`MAX_TILE_CELLS`): the tile's ``S = T * (k - 1)`` sources against the ``H =
-    window * (T + window - 1)`` cells around it, one batched matmul for the whole grid. ``bias`` then leaves
-    each source only the cells within ``window // 2`` cells of its own in both directions and inside the grid.
-    Leftover sources (rows and columns in no full cell) take the window around the nearest full cell.
+    window_t * window * (T + window - 1)`` cells around it, one batched matmul for the whole grid. ``bias`` then
+    leaves each source only the cells within ``window // 2`` cells of its own in every direction and inside the
+    grid. Over frames the window is ``window_t = window`` cells, or 1 when the grid has one row of cells in time
+    (an image: then the tables are those of the 2-D grid, bit for bit). Leftover sources (columns, rows and
+    frames in no full cell) take the window around the nearest full cell.
     """
-    cells_h, cells_w, k = h // sy, w // sx, sx * sy
-    rad = window // 2
+    cells_t, cells_h, cells_w, k = frames // st, h // sy, w // sx, st * sx * sy
+    rad, window_t = window // 2, window if cells_t > 1 else 1
+    rad_t = window_t // 2
     tile = _tile_width(cells_w)
     tiles_w = cells_w // tile
     span = tile + 2 * rad
-    # Candidate cell (row dy, column dx) of tile (ti, tj): cell (ti + dy - rad, tj * tile + dx - rad).
-    ti = torch.arange(cells_h, device=device).view(-1, 1, 1, 1)
-    tj = torch.arange(tiles_w, device=device).view(1, -1, 1, 1)
-    dy = torch.arange(window, device=device).view(1, 1, -1, 1)
-    dx = torch.arange(span, device=device).view(1, 1, 1, -1)
-    ci, cj = ti + dy - rad, tj * tile + dx - rad  # (cells_h, tiles_w, window, span) after broadcasting
-    inside = (ci >= 0) & (ci < cells_h) & (cj >= 0) & (cj < cells_w)
-    halo = (ci.clamp(0, cells_h - 1) * cells_w + cj.clamp(0, cells_w - 1)).reshape(cells_h * tiles_w, -1)
+    # Candidate cell (dt, dy, dx) of tile (tt, ti, tj): cell (tt + dt - rad_t, ti + dy - rad, tj * tile + dx - rad).
+    tt, ti, tj, dt, dy, dx = (
+        torch.arange(n, device=device).view([-1 if i == d else 1 for i in range(6)])
+        for d, n in enumerate((cells_t, cells_h, tiles_w, window_t, window, span))
+    )
+    ct, ci, cj = tt + dt - rad_t, ti + dy - rad, tj * tile + dx - rad  # (cells_t, cells_h, tiles_w, wt, w, span)
+    inside = (ct >= 0) & (ct < cells_t) & (ci >= 0) & (ci < cells_h) & (cj >= 0) & (cj < cells_w)
+    cell = (ct.clamp(0, cells_t - 1) * cells_h + ci.clamp(0, cells_h - 1)) * cells_w + cj.clamp(0, cells_w - 1)
+    rows = cells_t * cells_h * tiles_w
+    halo = cell.reshape(rows, -1)
     # Source s of a tile is in the tile's cell s // (k - 1); candidate column dx is in its window when
-    # |dx - rad - s // (k - 1)| <= rad.
+    # |dx - rad - s // (k - 1)| <= rad (a tile's cells share their frame and row, so dt and dy always are).
     own = (torch.arange(tile * (k - 1), device=device) // (k - 1)).view(-1, 1)
-    in_window = ((dx.reshape(1, -1) - rad - own).abs() <= rad).repeat(1, window)  # (S, H): row-major (dy, dx)
-    allowed = inside.reshape(cells_h * tiles_w, 1, -1) & in_window.unsqueeze(0)
+    in_window = ((dx.reshape(1, -1) - rad - own).abs() <= rad).repeat(1, window_t * window)  # (S, H): (dt, dy, dx)
+    allowed = inside.reshape(rows, 1, -1) & in_window.unsqueeze(0)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     bias = bias.unsqueeze(0).expand(batch, -1, -1, -1).reshape(-1, *allowed.shape[1:])
-    # Leftover sources: the window around the nearest full cell, inside the grid, row-major, padded by
-    # repeating the first candidate (a repeated candidate never changes the first maximum).
-    left_rows = []
-    leftover = [i * w + j for i in range(cells_h * sy) for j in range(cells_w * sx, w)]
-    leftover += list(range(cells_h * sy * w, h * w))
-    for pos in leftover:
-        cy, cx = min(pos // w // sy, cells_h - 1), min(pos % w // sx, cells_w - 1)
-        cand = [
-            y * cells_w + x
-            for y in range(cy - rad, cy + rad + 1)
-            for x in range(cx - rad, cx + rad + 1)
-            if 0 <= y < cells_h and 0 <= x < cells_w
-        ]
-        left_rows.append(cand + cand[:1] * (window * window - len(cand)))
-    left_cand = torch.tensor(left_rows, dtype=torch.int64, device=device).reshape(-1, window * window)
+    left_cand = _leftover_candidates(h, w, sx, sy, frames, st, rad, rad_t, device)
     halo_cells = halo.unsqueeze(0).expand(batch, -1, -1)
     return LocalTables(halo.reshape(-1), halo_cells, bias, left_cand)
+
+
+def _leftover_candidates(h, w, sx, sy, frames, st, rad, rad_t, device) -> torch.Tensor:
+    """``(n_left, K)`` the candidate cells of each leftover source, in partition order (as
+    :func:`~tofu_sd.partition.leftover_positions`, here in plain Python, which ``torch.compile`` takes as constants):
+    the window around the nearest full cell, inside the grid, row-major over (frame, row, column), padded by
+    repeating the first candidate (a repeated candidate never changes the first maximum)."""
+    cells_t, cells_h, cells_w = frames // st, h // sy, w // sx
+    size = (2 * rad_t + 1) * (2 * rad + 1) ** 2
+    full_t, full_h, full_w = cells_t * st, cells_h * sy, cells_w * sx
+    leftover = [(t, y, x) for t in range(full_t) for y in range(full_h) for x in range(full_w, w)]
+    leftover += [(t, y, x) for t in range(full_t) for y in range(full_h, h) for x in range(w)]
+    leftover += [(t, y, x) for t in range(full_t, frames) for y in range(h) for x in range(w)]
+    left_rows = []
+    for t, y, x in leftover:
+        c = (min(t // st, cells_t - 1), min(y // sy, cells_h - 1), min(x // sx, cells_w - 1))
+        cand = [
+            (a * cells_h + b) * cells_w + d
+            for a in range(c[0] - rad_t, c[0] + rad_t + 1)
+            for b in range(c[1] - rad, c[1] + rad + 1)
+            for d in range(c[2] - rad, c[2] + rad + 1)
+            if 0 <= a < cells_t and 0 <= b < cells_h and 0 <= d < cells_w
+        ]
+        left_rows.append(cand + cand[:1] * (size - len(cand)))
+    return torch.tensor(left_rows, dtype=torch.int64, device=device).reshape(-1, size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,9 +159,10 @@ def _local_layout(batch: int, n: int, ncs: int, num_src: int, device: torch.devi
 def plan_blocks(
     h: int, w: int, sx: int, sy: int, batch: int, r: int, offsets: torch.Tensor | None = None,
     device: torch.device | str | None = None, *, blocks: int = 1, local_window: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, frames: int = 1, st: int = 1,
 ) -> list[BlockPlan]:  # fmt: skip
-    """The plans of ``blocks`` block calls on one ``h x w`` grid at once, in a handful of batched operations.
+    """The plans of ``blocks`` block calls on one ``h x w`` grid (``frames x h x w`` in ``st x sy x sx`` cells for
+    a video; ``st <= frames``) at once, in a handful of batched operations.
 
     Args:
         offsets: ``(blocks, cells)`` destination offsets (e.g. :func:`~tofu_sd.partition.block_offsets`);
@@ -152,8 +172,8 @@ def plan_blocks(
         dtype: dtype of the tokens to be matched (that of local matching's bias).
     """
     device = torch.device(offsets.device if offsets is not None else (device or "cpu"))
-    order, num_src = partition_order(h, w, sx, sy, offsets, device)
-    n, num_dst = h * w, (h // sy) * (w // sx)
+    order, num_src = partition_order(h, w, sx, sy, offsets, device, frames=frames, st=st)
+    n, num_dst = frames * h * w, (frames // st) * (h // sy) * (w // sx)
     r = max(0, min(int(r), num_src))
     if order.dim() == 1:
         order = order.expand(blocks, -1)
@@ -165,8 +185,8 @@ def plan_blocks(
     restore_base = rows.view(rows.shape[0], -1).scatter(1, dst_rows, dst_values.expand_as(dst_rows))
     local_rows, local = None, None
     if local_window is not None and num_dst > 0 and r > 0:
-        local = cached(_local_tables, h, w, sx, sy, local_window, batch, dtype, device)
-        slots, offsets_of_rows = cached(_local_layout, batch, n, num_dst * (sx * sy - 1), num_src, device)
+        local = cached(_local_tables, h, w, sx, sy, local_window, batch, dtype, device, frames, st)
+        slots, offsets_of_rows = cached(_local_layout, batch, n, num_dst * (st * sx * sy - 1), num_src, device)
         local_rows = order.index_select(1, slots) + offsets_of_rows
     return [
         BlockPlan(

@@ -3,11 +3,13 @@
 - :class:`ReduceRestoreHook` runs a module on the reduced tokens of its ``hidden_states`` argument and gives
   every token its output back (tomesd's ``m`` / ``u`` around ``attn1``, ``attn2`` or ``ff`` of a U-Net block;
   the image-stream attention of a diffusion transformer block, whose text tokens pass untouched). With
-  ``rotary``, the call's rotary table is taken out of the call and applied per kept token by :class:`RotaryHook`;
+  ``rotary`` (a :class:`RotaryLayout`), the call's rotary table is taken out of the call and applied per kept
+  token by :class:`RotaryHook`;
 - :class:`SingleStreamHook` does the same to the image part of a ``[text, image]`` sequence (Flux's
   single-stream blocks);
 - :class:`KeyValueHook` keeps every token a query and passes the reduced tokens as keys and values
-  (``reduce="kv"``), with proportional attention's ``log(size)`` bias as the attention mask;
+  (``reduce="kv"``), with proportional attention's ``log(size)`` bias as the attention mask (the joint
+  attentions of SD3 and Flux, which take neither apart, have :mod:`tofu_sd.joint_kv` instead);
 - :class:`RotaryHook` on the query / key norms of an attention rotates them with each kept token's position.
 """
 
@@ -66,6 +68,28 @@ def gather_rotary(table: torch.Tensor, m: Matching) -> torch.Tensor:
     return table.index_select(0, m.keep_idx.reshape(-1)).view(m.batch, m.num_tokens - m.r, -1)
 
 
+class RotaryLayout:
+    """How an attention call carries its rotary table, and how a table rotates queries and keys. This one is
+    Flux's: ``image_rotary_emb`` a real ``(cos, sin)`` pair laid out over ``[text, image]``, applied by diffusers'
+    ``apply_rotary_emb``. A family whose table is laid out otherwise gives its own (``Family.rotary_layout``)."""
+
+    #: The attention's argument (4th positional) that carries the table.
+    argument = "image_rotary_emb"
+
+    def split(self, emb, text_len: int, m: Matching) -> tuple | None:
+        """The table of each kept image token, flat over the batch (``B * (N - r)`` rows, :func:`gather_rotary`),
+        and the text's table; ``None`` if ``emb`` is laid out otherwise (the call is then left alone)."""
+        cos, sin = emb
+        if cos.shape[0] != text_len + m.num_tokens:
+            return None
+        image = (gather_rotary(cos[text_len:], m).flatten(0, 1), gather_rotary(sin[text_len:], m).flatten(0, 1))
+        return image, (cos[:text_len], sin[:text_len])
+
+    def rotate(self, x: torch.Tensor, table) -> torch.Tensor:
+        """Queries or keys ``x`` ``(B, S, H, D)`` rotated with ``table``, one row per token of ``S``."""
+        return apply_rotary_emb(x, table, sequence_dim=1)
+
+
 class ReduceRestoreHook(_LetterHook):
     """Runs the module on the reduced tokens of its ``hidden_states``, then gives every token its output back.
 
@@ -74,11 +98,11 @@ class ReduceRestoreHook(_LetterHook):
     or batch, or an attention mask laid out per query (any mask, unless ``key_mask``: then a ``(B, 1, T)`` or
     2-D mask over the text keys is kept). With ``chunks`` (a U-Net's ``ff``), a call on fewer batch rows is taken
     as the next chunk of diffusers' batch-chunked feed-forward and reduced with those rows of the matching. With
-    ``rotary``, the call's ``image_rotary_emb`` ``(cos, sin)`` over ``[text, image]`` is taken out of the call
-    and handed to the :class:`RotaryHook` s: text rows for the text queries and keys, each kept image token's
-    own row for the image ones."""
+    ``rotary`` (a :class:`RotaryLayout`), the call's ``image_rotary_emb`` is taken out of the call and handed to
+    the :class:`RotaryHook` s: the text's table for the text queries and keys, each kept image token's own row
+    for the image ones."""
 
-    def __init__(self, state: BlockState, letter: str, *, chunks=False, key_mask=False, rotary=False) -> None:
+    def __init__(self, state: BlockState, letter: str, *, chunks=False, key_mask=False, rotary=None) -> None:
         super().__init__(state, letter)
         self.chunks, self.key_mask, self.rotary = chunks, key_mask, rotary
 
@@ -104,16 +128,14 @@ class ReduceRestoreHook(_LetterHook):
         if m is None:
             return args, kwargs
         values = {0: ("hidden_states", reduce_tokens(x, m, self.mode))}
-        emb = argument(args, kwargs, 3, "image_rotary_emb") if self.rotary else None
+        emb = argument(args, kwargs, 3, self.rotary.argument) if self.rotary is not None else None
         if emb is not None:
             text = argument(args, kwargs, 1, "encoder_hidden_states")
-            text_len = 0 if text is None else text.shape[1]
-            if emb[0].shape[0] != text_len + m.num_tokens:
-                return args, kwargs  # positions laid out otherwise than [text, image]: leave the call alone
-            cos, sin = emb
-            self.state.rotary = (gather_rotary(cos[text_len:], m).flatten(0, 1), gather_rotary(sin[text_len:], m).flatten(0, 1))
-            self.state.rotary_text = (cos[:text_len], sin[:text_len])
-            values[3] = ("image_rotary_emb", None)
+            tables = self.rotary.split(emb, 0 if text is None else text.shape[1], m)
+            if tables is None:
+                return args, kwargs  # positions laid out otherwise: leave the call alone
+            self.state.rotary, self.state.rotary_text = tables
+            values[3] = (self.rotary.argument, None)
         self.state.reduced = m
         return with_arguments(args, kwargs, values)
 
@@ -163,25 +185,26 @@ def _joint_rotary(table: torch.Tensor, text_len: int, m: Matching) -> torch.Tens
 class RotaryHook(ModelHook):
     """On ``norm_q`` / ``norm_k`` (``text=False``) or ``norm_added_q`` / ``norm_added_k`` (``text=True``) of a
     patched attention: while the attention hook holds a rotary table, rotates the normalized queries or keys
-    ``(B, S, H, D)`` with diffusers' own ``apply_rotary_emb``, as the processor would have rotated them.
+    ``(B, S, H, D)`` as the processor would have rotated them (``layout.rotate``: diffusers' own function).
 
     The image table holds a row per batch element and token (the kept tokens differ per batch element), which
-    ``apply_rotary_emb`` does not take; so the batch is folded into its sequence dimension, ``(1, B * S, H, D)``,
+    diffusers' functions do not take; so the batch is folded into its sequence dimension, ``(1, B * S, H, D)``,
     where the table fits. Rotary embedding is elementwise per token, so rotating text and image apart, before
     the processor concatenates them, gives the bits of rotating the concatenation."""
 
-    def __init__(self, state: BlockState, text: bool) -> None:
+    def __init__(self, state: BlockState, text: bool, layout: RotaryLayout | None = None) -> None:
         super().__init__()
         self.state, self.text = state, text
+        self.layout = RotaryLayout() if layout is None else layout
 
     def post_forward(self, module, output):
         emb = self.state.rotary_text if self.text else self.state.rotary
         if emb is None:
             return output
         if self.text:
-            return apply_rotary_emb(output, emb, sequence_dim=1)
+            return self.layout.rotate(output, emb)
         B, S = output.shape[:2]
-        return apply_rotary_emb(output.reshape(1, B * S, *output.shape[2:]), emb, sequence_dim=1).view(output.shape)
+        return self.layout.rotate(output.reshape(1, B * S, *output.shape[2:]), emb).view(output.shape)
 
 
 class KeyValueHook(_LetterHook):

@@ -106,44 +106,50 @@ class CallState:
         now.reusing = not matching_step
         now.storing = now.position < MAX_CALLS_PER_STEP
 
-    def matching(self, index: int, h: int, w: int, x: torch.Tensor) -> Matching | None:
-        """The matching of block ``index`` for tokens ``x`` on an ``h x w`` grid: at a reuse step the one stored
-        for the same block, grid, batch, device, dtype and position in the step, else a new one (stored)."""
+    def matching(self, index: int, grid: tuple[int, ...], x: torch.Tensor) -> Matching | None:
+        """The matching of block ``index`` for tokens ``x`` on a ``grid`` (``(h, w)``, or ``(frames, h, w)``): at
+        a reuse step the one stored for the same block, grid, batch, device, dtype and position in the step, else
+        a new one (stored)."""
         now = self._thread.value
+        grid = grid_3d(grid)
         if not (now.reusing or now.storing):  # rematch_every=1, or a compiled graph: nothing stored to read
-            m = match(x, self.plan(index, h, w, x))
+            m = match(x, self.plan(index, grid, x))
         else:
-            m = self._stored_or_new(now, index, h, w, x)
+            m = self._stored_or_new(now, index, grid, x)
         if now.keep and m is not None:
             self.recompute.keep(index, x, m)
         return m
 
-    def _stored_or_new(self, now: _CallData, index: int, h: int, w: int, x: torch.Tensor) -> Matching | None:
-        key = (index, h, w, x.shape[0], x.device, x.dtype, now.position)
+    def _stored_or_new(self, now: _CallData, index: int, grid: tuple, x: torch.Tensor) -> Matching | None:
+        key = (index, grid, x.shape[0], x.device, x.dtype, now.position)
         if now.reusing:
             stored = now.matchings.get(key)
             if stored is not None:
                 return stored
-        m = match(x, self.plan(index, h, w, x))
+        m = match(x, self.plan(index, grid, x))
         if now.storing and m is not None:
             now.matchings[key] = m
         return m
 
-    def plan(self, index: int, h: int, w: int, x: torch.Tensor) -> BlockPlan:
-        """The plan of block ``index`` on an ``h x w`` grid for tokens ``x``, computed with its siblings'."""
+    def plan(self, index: int, grid: tuple[int, int, int], x: torch.Tensor) -> BlockPlan:
+        """The plan of block ``index`` on a ``(frames, h, w)`` grid for tokens ``x``, computed with its siblings'.
+        Cells span ``st`` frames (``config.st``; at most the grid's frames, 1 if unset)."""
         now = self._thread.value
         batch, device = x.shape[0], x.device
-        cache_key = (h, w, batch, device, x.dtype)
+        cache_key = (grid, batch, device, x.dtype)
         plans = now.plans.get(cache_key)
         if plans is None:
             c = self.config
+            f, h, w = grid
+            st = min(c.st or 1, f)
             offsets = None
             if c.use_rand:
                 key = timestep_key(now.timestep, device)
-                offsets = block_offsets(h // c.sy, w // c.sx, c.sx * c.sy, self.seed, tuple(range(self.num_blocks)), key)
+                cells_th, size = f // st * (h // c.sy), st * c.sx * c.sy  # cell rows over frames; tokens per cell
+                offsets = block_offsets(cells_th, w // c.sx, size, self.seed, tuple(range(self.num_blocks)), key)
             plans = plan_blocks(
-                h, w, c.sx, c.sy, batch, int(h * w * c.ratio), offsets, device, blocks=self.num_blocks,
-                local_window=c.local_window if c.matching == "local" else None, dtype=x.dtype,
+                h, w, c.sx, c.sy, batch, int(f * h * w * c.ratio), offsets, device, blocks=self.num_blocks,
+                local_window=c.local_window if c.matching == "local" else None, dtype=x.dtype, frames=f, st=st,
             )  # fmt: skip
             now.plans[cache_key] = plans
         return plans[index]
@@ -196,11 +202,17 @@ class RecomputeStore:
 
 
 class GridState(threading.local):
-    """The token grid ``(height, width)`` of the module call in progress that holds some patched blocks (a U-Net's
-    ``Transformer2DModel``, or a diffusion transformer itself), or ``None`` (thread-local)."""
+    """The token grid ``(height, width)`` (a video's: ``(frames, height, width)``, tokens frame-major) of the module
+    call in progress that holds some patched blocks (a U-Net's ``Transformer2DModel``, or a diffusion transformer
+    itself), or ``None`` (thread-local)."""
 
     def __init__(self) -> None:
-        self.grid: tuple[int, int] | None = None
+        self.grid: tuple[int, ...] | None = None
+
+
+def grid_3d(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    """A token grid as ``(frames, height, width)``: an image's ``(height, width)`` is one frame."""
+    return (1, *grid) if len(grid) == 2 else tuple(grid)
 
 
 class BlockState(threading.local):

@@ -126,8 +126,8 @@ def transformer_variants_checked(
 ) -> list[str]:
     """The variants for the transformer of ``arch`` in normal form (None: those of the bench's default set that run
     on it), checked before it is built; EvaluationError for one that cannot run on it: first the U-Net-only ones
-    (named, with why), then one whose patch refuses the model (``tofu-kv`` and the ``+<module>`` variants on SD3
-    and Flux), found on the model made on the meta device. The messages list what runs there."""
+    (named, with why), then one whose patch refuses the model (the ``+<module>`` variants on every
+    transformer; ``tofu-kv`` on a family without ``reduce="kv"``), found on the model made on the meta device. The messages list what runs there."""
     meta = DIT_ARCHS[arch].build(device="meta")
     works = transformer_variants(arch, meta, ratio, options, more)
     if variants is None:

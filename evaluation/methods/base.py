@@ -145,8 +145,8 @@ class Method:
     bare U-Net) for its block and restores it exactly afterwards. The bench times one U-Net call of it, or the
     :class:`StepMix` that ``step_mix`` gives; ``describe(params)`` is an optional line about it in the bench's table.
     ``unet_only`` says why the method runs on U-Nets only; None: on diffusion transformers too, where its patch
-    accepts the model (``tofu_sd.apply`` refuses some of its options on some transformers: ``reduce="kv"`` on SD3
-    and Flux, ``modules`` on every one), so ``generate`` and ``bench`` refuse the others there, before any work.
+    accepts the model (``tofu_sd.apply`` refuses some of its options on some transformers: ``modules`` on every
+    one, ``reduce="kv"`` on a family without it), so ``generate`` and ``bench`` refuse the others there, before any work.
     ``transformer_only`` says why it runs on diffusion transformers only (diffusers' step caches), so ``generate``
     refuses it on U-Nets; ``bench_refusal`` why the bench cannot time it (a step cache's saving lies across the
     steps of a pipeline call, which a timed model call does not show).

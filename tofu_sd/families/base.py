@@ -20,7 +20,8 @@ import torch
 
 from ..arguments import argument
 from ..config import TokenFusionConfig, parse_blocks
-from ..reducing import check_key_value_attention
+from ..joint_kv import JointAttention
+from ..reducing import RotaryLayout, check_key_value_attention
 
 #: How a :class:`Part` runs on reduced tokens.
 PART_KINDS = ("tokens", "kv", "single")
@@ -71,8 +72,16 @@ class Family:
     #: The query / key norms of a reduced attention that rotate per kept token, ``(name, is_text)``; empty for
     #: families without rotary positions.
     rotary_norms: tuple[tuple[str, bool], ...] = ()
+    #: How its attentions carry their rotary table and apply it (with ``rotary_norms``): Flux's by default.
+    rotary_layout: RotaryLayout = RotaryLayout()
     #: Why ``reduce="kv"`` is refused, or ``None`` if the family supports it.
     key_value_refusal: str | None = "its attention does not take keys and values apart from its queries"
+    #: For ``reduce="kv"``: its joint attention, run by :class:`~tofu_sd.joint_kv.JointKeyValueHook` with the
+    #: reduced image keys and values; ``None``: the attention's own processor takes them (``KeyValueHook``).
+    joint_attention: JointAttention | None = None
+    #: A video family's default ``st`` (frames per cell; its :meth:`grid` is ``(frames, h, w)``); ``None`` for an
+    #: image family, whose grid is ``(h, w)``.
+    default_st: int | None = None
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         """Every patchable block of ``model``, in forward order."""
@@ -132,9 +141,23 @@ class Family:
                 self.check_attention(f"{site.name}.{part.name}", attn)
                 if part.kind == "kv":
                     check_key_value_attention(f"{site.name}.{part.name}", attn)
+                    if self.joint_attention is not None:
+                        self.joint_attention.check(f"{site.name}.{part.name}", attn)
 
     def check_attention(self, name: str, attn: torch.nn.Module) -> None:
         """Raise ``ValueError`` if the attention ``name`` has a processor the family's hooks do not work with."""
+
+    def frames_per_cell(self, config: TokenFusionConfig) -> int | None:
+        """``config.st`` as the family takes it: a video family's default for ``None``; an image family keeps
+        ``None`` or 1 and refuses anything else (its grid has no frames)."""
+        if self.default_st is not None:
+            return self.default_st if config.st is None else config.st
+        if config.st not in (None, 1):
+            raise ValueError(
+                f"st={config.st} makes cells span frames of a video; a {self.name} model's token grid is one image "
+                "(no frames): leave st unset (or 1)."
+            )
+        return config.st
 
     def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
         """The sub-modules of ``site``'s block that run on reduced tokens: each of its attentions."""

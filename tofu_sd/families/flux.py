@@ -9,7 +9,12 @@ table for the whole batch while the kept tokens differ per batch element, so the
 ``image_rotary_emb`` and rotary hooks on ``norm_q`` / ``norm_k`` (``norm_added_q`` / ``norm_added_k`` for the
 text) rotate with a per-token table; a kept token keeps its own position and a merged group (A, M) takes its
 destination's, the token that stays in the group's slot. That needs the processor to rotate right after the
-norms, as ``FluxAttnProcessor`` does, so other Flux processors (IP-Adapter) are refused."""
+norms, as ``FluxAttnProcessor`` does, so other Flux processors (IP-Adapter) are refused.
+
+With ``reduce="kv"`` the attentions of both kinds of block keep every query (text and image) and take their
+image keys and values from the reduced image tokens: :class:`~tofu_sd.joint_kv.JointKeyValueHook` runs them as
+``FluxAttnProcessor`` computes them (:func:`~tofu_sd.joint_kv.flux_attention`), each reduced key rotated with
+its slot's position by the same rule (:func:`~tofu_sd.joint_kv.key_rotary`)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from ..arguments import argument
-from .base import Family, Site
+from ..config import TokenFusionConfig
+from ..joint_kv import JointAttention, flux_attention
+from .base import Family, Part, Site
 
 
 def grid_from_ids(ids: torch.Tensor) -> tuple[int, int] | None:
@@ -48,7 +55,8 @@ class FluxFamily(Family):
     timestep_index = 3
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
-    key_value_refusal = "its attention computes the image queries, keys and values in one call, with rotary positions"
+    key_value_refusal = None
+    joint_attention = JointAttention(FluxAttnProcessor, flux_attention, reads_fused_flag=True)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         double = [
@@ -86,3 +94,10 @@ class FluxFamily(Family):
                 "FluxAttnProcessor, the one whose rotary embedding it knows how to apply per token (IP-Adapter "
                 "processors are not supported)."
             )
+
+    def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
+        """Each block's ``attn``: with ``reduce="kv"`` a key-value part in single-stream blocks too (its
+        :class:`~tofu_sd.joint_kv.JointKeyValueHook` finds the text in front of the image)."""
+        if config.reduce == "kv":
+            return [Part(name, "kv") for name in site.attentions]
+        return super().parts(site, config)

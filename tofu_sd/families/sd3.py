@@ -1,6 +1,9 @@
 """Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``): every ``JointTransformerBlock``, reduced around its joint
 attention ``attn`` (and SD3.5's second, image-only ``attn2``), whose ``hidden_states`` are the image tokens and
-``encoder_hidden_states`` the text; the grid is the latent's, in patches."""
+``encoder_hidden_states`` the text; the grid is the latent's, in patches. With ``reduce="kv"`` both attentions
+keep every query and take their image keys and values from the reduced tokens: they are run by
+:class:`~tofu_sd.joint_kv.JointKeyValueHook` as ``JointAttnProcessor2_0`` computes them
+(:func:`~tofu_sd.joint_kv.sd3_attention`), the one processor that path mirrors."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from diffusers.models.attention_processor import (
     XFormersJointAttnProcessor,
 )
 
+from ..joint_kv import JointAttention, sd3_attention
 from .base import Family, Site, latent_grid
 
 #: SD3 attention processors that work on fewer image tokens than the call started with.
@@ -21,9 +25,8 @@ PROCESSORS = (JointAttnProcessor2_0, FusedJointAttnProcessor2_0, XFormersJointAt
 class SD3Family(Family):
     name = "SD3"
     timestep_index = 3
-    key_value_refusal = (
-        "JointAttnProcessor2_0 ignores attention masks, so proportional attention's log(size) bias cannot reach it"
-    )
+    key_value_refusal = None
+    joint_attention = JointAttention(JointAttnProcessor2_0, sd3_attention)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         return [

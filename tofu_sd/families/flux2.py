@@ -1,0 +1,81 @@
+"""FLUX.2 (``Flux2Transformer2DModel``, FLUX.2 [dev] and [klein]): its double-stream blocks, in forward order.
+
+Its input is packed ``(B, N, C)``; the grid comes from the call's ``img_ids``, as in FLUX.1 (:mod:`.flux`), but
+FLUX.2's ids have four columns ``(t, row, col, layer)`` (``Flux2Pipeline._prepare_latent_ids``): columns 1 and 2
+must form the row-major grid of the image tokens, one id per token. ``Flux2Pipeline`` appends reference images'
+tokens (and ids, at other ``t``) to the image tokens for editing: no grid, refused at the call; so is the KV-cached
+reference mode (``kv_cache_mode``) of FLUX.2 [klein].
+
+A double-stream block is reduced around ``attn`` (image ``hidden_states``; the text ``encoder_hidden_states`` pass
+untouched). The rotary table is computed once per call and shared by all blocks, a real ``(cos, sin)`` pair over
+``[text, image]`` that ``Flux2AttnProcessor`` applies right after the query / key norms, as FLUX.1's: the
+attention is called without it and the rotary hooks on ``norm_q`` / ``norm_k`` (``norm_added_q`` /
+``norm_added_k`` for the text) rotate each kept token with its own position (a merged group: its destination's).
+The shared modulation is per batch element, not per token: it needs nothing.
+
+Not patched: the single-stream blocks. The model concatenates ``[text, image]`` before them and passes no
+``encoder_hidden_states``, so their input is no image token grid and the block's matching (taken on its image
+input) cannot be taken there yet; their fused parallel attention (``Flux2ParallelSelfAttnProcessor``: attention
+and MLP from one projection) would also have its MLP half reduced. ``reduce="kv"`` is refused.
+
+The default schedule, ``M`` in every block, is provisional: no FLUX.2 weights were analysed (``tofu-sd
+analyze``); it is the diffusion transformers' default.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2TransformerBlock
+
+from ..arguments import argument
+from .base import Family, Site
+from .flux import grid_from_ids
+
+
+class Flux2Family(Family):
+    name = "FLUX.2"
+    timestep_index = 2
+    timestep_scale = 1000.0
+    rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
+    key_value_refusal = (
+        "its attention takes the image queries, keys and values from one input and rotates them with one table"
+    )
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        return [
+            Site(f"transformer_blocks.{i}", block, model, ("attn",))
+            for i, block in enumerate(model.transformer_blocks)
+            if isinstance(block, Flux2TransformerBlock)
+        ]
+
+    def grid(self, module, args, kwargs) -> tuple[int, int]:
+        """The token grid of a FLUX.2 call, from its ``img_ids``; ``ValueError`` if they are no row-major grid of
+        ``hidden_states``' tokens or the call runs the KV-cached reference mode."""
+        mode = kwargs.get("kv_cache_mode")
+        if mode is not None:
+            raise ValueError(
+                f"Token Fusion on a Flux2Transformer2DModel does not support kv_cache_mode={mode!r} (FLUX.2 [klein]'s "
+                "cached reference images): their tokens' keys and values are cached in full by the attention; "
+                "tofu_sd.remove(pipe) to run it."
+            )
+        x = argument(args, kwargs, 0, "hidden_states")
+        ids = argument(args, kwargs, 3, "img_ids")
+        grid = grid_from_ids(ids) if isinstance(ids, torch.Tensor) else None
+        if grid is None or x.shape[1] != grid[0] * grid[1]:
+            raise ValueError(
+                "Token Fusion on a Flux2Transformer2DModel takes the token grid from `img_ids`: columns 1 and 2 of "
+                "its (t, row, col, layer) ids must hold the row and column of each image token of a row-major grid "
+                "(as Flux2Pipeline builds them), one per token of `hidden_states`; got img_ids of shape "
+                f"{None if ids is None else tuple(ids.shape)} for {x.shape[1]} tokens. Reference images appended "
+                "to the image tokens (Flux2Pipeline's `image`) are not supported; tofu_sd.remove(pipe) to run them."
+            )
+        return grid
+
+    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
+        processor = getattr(attn, "processor", None)
+        if type(processor) is not Flux2AttnProcessor:
+            raise ValueError(
+                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
+                "Flux2AttnProcessor, the one that rotates queries and keys right after their norms, where Token "
+                "Fusion rotates each kept token (Flux2KVAttnProcessor's cached reference tokens are not supported)."
+            )

@@ -1,0 +1,100 @@
+"""Wan 2.1 / 2.2 video (``WanTransformer3DModel``, text-to-video and image-to-video): every ``WanTransformerBlock``,
+reduced around its self-attention ``attn1``, in forward order.
+
+The token grid is 3-D: ``(frames, h, w)`` of the call's ``hidden_states`` ``(B, C, F, H, W)`` cut into its
+``patch_size`` ``(t, h, w)`` patches, tokens frame-major (as the patch embedding flattens them); it is read from
+the shape once per transformer call. Cells span ``st`` frames (``TokenFusionConfig.st``, default 2 here: the
+most similar tokens of a video are in neighbouring frames). The cross-attention ``attn2`` takes the text (and, in
+image-to-video, the CLIP image tokens through its added key / value projections) as keys and values, and its
+queries are the block's video tokens at full count: it is left alone, so image conditioning is untouched.
+
+Rotary positions follow their tokens: ``WanRotaryPosEmbed`` gives a real ``(cos, sin)`` row per ``(t, h, w)``
+position, ``(1, N, 1, D)``, passed to ``attn1`` as ``rotary_emb`` and applied by ``WanAttnProcessor`` after
+``norm_q`` / ``norm_k``. The kept tokens differ per batch element, so the table is taken out of the call
+(:class:`WanRotary`) and each kept token's own row (a merged group: its destination's) rotates the normalized
+queries and keys, as the processor would have. Other processors are refused. ``reduce="kv"`` is refused: one
+table rotates the queries and the keys there.
+
+A 2-D ``timestep`` (Wan 2.2 TI2V's per-token timesteps, 0 on the conditioning frame) keys the partition and
+counts steps by its largest value per batch row, the step's noise level.
+
+The default schedule, ``M`` in every block, is provisional: no Wan weights were analysed (``tofu-sd analyze``);
+it is the diffusion transformers' default.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformerBlock
+
+from ..arguments import argument
+from ..merge import Matching
+from ..reducing import RotaryLayout, gather_rotary
+from .base import Family, Site
+
+
+class WanRotary(RotaryLayout):
+    """Wan's rotary table: ``rotary_emb`` ``(cos, sin)``, each ``(1, N, 1, D)`` over the video tokens alone (its
+    self-attention has no text), applied to pairs of channels ``(2i, 2i + 1)`` of each head."""
+
+    argument = "rotary_emb"
+
+    def split(self, emb, text_len: int, m: Matching) -> tuple | None:
+        """Each kept token's row, flat over the batch: ``(B * (N - r), D)`` cos and sin; no text table.
+        ``None`` (the call is left alone) for a table laid out otherwise."""
+        if not isinstance(emb, (tuple, list)) or len(emb) != 2 or text_len:
+            return None
+        if any(not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[:3] != (1, m.num_tokens, 1) for t in emb):
+            return None
+        return tuple(gather_rotary(t[0, :, 0], m).flatten(0, 1) for t in emb), None
+
+    def rotate(self, x: torch.Tensor, table) -> torch.Tensor:
+        """Normalized queries or keys ``x`` ``(1, S, heads * D)`` rotated with ``table`` (one ``(S, D)`` cos and
+        sin row per token): each channel pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)``, computed in
+        the table's precision and returned in ``x``'s dtype, as ``WanAttnProcessor`` computes it."""
+        cos, sin = table
+        pairs = x.unflatten(-1, (-1, cos.shape[-1] // 2, 2))  # (1, S, heads, D / 2, 2)
+        a, b = pairs.unbind(-1)
+        c, s = cos[:, None, 0::2], sin[:, None, 1::2]  # (S, 1, D / 2): the table repeats each angle twice
+        rotated = torch.stack([a * c - b * s, a * s + b * c], dim=-1)
+        return rotated.flatten(-3).to(x.dtype)
+
+
+class WanFamily(Family):
+    name = "Wan"
+    timestep_index = 1
+    default_st = 2
+    rotary_norms = (("norm_q", False), ("norm_k", False))
+    rotary_layout = WanRotary()
+    key_value_refusal = (
+        "its attention rotates queries and keys with one rotary table, which cannot serve every query and fewer keys"
+    )
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        return [
+            Site(f"blocks.{i}", block, model, ("attn1",))
+            for i, block in enumerate(model.blocks)
+            if isinstance(block, WanTransformerBlock)
+        ]
+
+    def grid(self, module, args, kwargs) -> tuple[int, int, int] | None:
+        """``(frames, h, w)`` of the call's ``(B, C, F, H, W)`` latent in ``patch_size`` patches."""
+        x = argument(args, kwargs, 0, "hidden_states")
+        if not isinstance(x, torch.Tensor) or x.ndim != 5:
+            return None
+        return tuple(n // p for n, p in zip(x.shape[2:], module.config.patch_size))
+
+    def timestep(self, args: tuple, kwargs: dict):
+        """The call's timestep; a per-token one ``(B, N)`` (Wan 2.2 TI2V) by its largest value per batch row."""
+        timestep = super().timestep(args, kwargs)
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+            return timestep.amax(dim=1)
+        return timestep
+
+    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
+        processor = getattr(attn, "processor", None)
+        if type(processor) is not WanAttnProcessor:
+            raise ValueError(
+                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
+                "WanAttnProcessor, the one whose rotary embedding it knows how to apply per kept token."
+            )
