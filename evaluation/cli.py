@@ -123,6 +123,7 @@ def _add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate", help="FID / LPIPS / MS-SSIM of each method against the reference; writes a report")
     ev.add_argument("run", help="run directory made by `tofu-sd generate`")
     ev.add_argument("--reference", default=REFERENCE, help=f"method the others are compared with ({REFERENCE})")
+    ev.add_argument("--methods", default=None, metavar="A,B,...", help="evaluate only these methods of the run (the reference always), named as for generate, e.g. tofu@0.5,tome@0.5 (default: all). A method with fewer images than the reference is evaluated on the pairs it has and named with its count")
     ev.add_argument("--fid-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth (else torch hub cache)")
     ev.add_argument("--lpips-weights", default=None, help="local alexnet-owt-7be5be79.pth (else torch hub cache)")
     ev.add_argument("--device", default="auto", help="device for the metric networks")
@@ -252,7 +253,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluateOptions, evaluate
     from .report import markdown, write_report
 
-    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost, compare=args.compare)
+    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost, compare=args.compare, methods=args.methods)
     report = evaluate(args.run, options)
     paths = write_report(args.run, report, args.grid_columns)
     print(markdown({k: v for k, v in report.items() if k != "names"}))

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EvaluationError, MetricUnavailable, listed
-from .manifest import load_manifest, missing_manifest_message
+from .errors import EvaluationError, MetricUnavailable
+from .manifest import load_manifest
 from .methods.names import method_of
 from .methods.registry import REFERENCE, REGISTRY
 from .metrics import (
@@ -27,6 +27,7 @@ from .metrics import (
 from .models import resolve_device
 from .paired import paired_comparisons, parse_pairs
 from .pareto import STEP_DEFAULTS, bench_cost, pareto_data
+from .selection import Selection, select
 
 
 @dataclass
@@ -38,6 +39,7 @@ class EvaluateOptions:
     batch_size: int = 16
     cost: str | None = None  #: a ``tofu-sd bench --json`` file: the Pareto plot's x is its step time vs full
     compare: str | None = None  #: extra paired comparisons, ``"a:b,c:d"`` (any two methods, e.g. of equal cost)
+    methods: str | list[str] | None = None  #: ``--methods``: the methods to evaluate (the reference always); None: all
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -50,41 +52,6 @@ def load_image(path: Path) -> torch.Tensor:
             f"cannot read {path} ({error}); delete it and re-run `tofu-sd generate` to make it again"
         ) from error
     return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def _method_images(run_dir: Path, method: str) -> dict[str, Path]:
-    folder = run_dir / method
-    if not folder.is_dir():
-        raise EvaluationError(f"{run_dir} has no images of method {method!r} (no folder {folder})")
-    images = {p.name: p for p in sorted(folder.glob("*.png"))}
-    if not images:
-        raise EvaluationError(f"{folder} holds no PNG images")
-    return images
-
-
-def image_sets(run_dir: Path, reference: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The methods of the run and their image names, checked to pair one to one with the reference's."""
-    manifest = load_manifest(run_dir)
-    if manifest is None:
-        raise EvaluationError(missing_manifest_message(run_dir, "evaluate"))
-    methods = list(manifest.get("methods", {}))
-    if reference not in methods:
-        raise EvaluationError(f"reference method {reference!r} is not in this run; it has {', '.join(methods) or 'none'}")
-    names = {m: _method_images(run_dir, m) for m in methods}
-    ref_names = set(names[reference])
-    problems = []
-    for method in methods:
-        missing_here = sorted(ref_names - set(names[method]))
-        missing_ref = sorted(set(names[method]) - ref_names)
-        for what, missing in ((f"{method} lacks", missing_here), (f"{reference} lacks", missing_ref)):
-            if missing:
-                problems.append(f"  {what} {len(missing)} image(s) of the other: {listed(missing)}")
-    if problems:
-        raise EvaluationError(
-            "methods do not pair up image for image (same class and sample):\n" + "\n".join(problems)
-            + "\nRe-run `tofu-sd generate` with the same --out to finish the missing images."
-        )
-    return methods, {m: sorted(names[m]) for m in methods}
 
 
 def _batches(run_dir: Path, method: str, names: list[str], batch_size: int, size: tuple[int, int] | None):
@@ -154,7 +121,7 @@ def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, 
     """Metrics of one method against the reference, over same-seed pairs, and the per-pair scores."""
     ms_ssim = PairwiseMSSSIM()
     lpips = PairwiseLPIPS(models["lpips"]) if "lpips" in models else None
-    fid = FrechetInceptionDistance(models["fid"]) if "fid" in models else None
+    fid = FrechetInceptionDistance(models["fid"]) if "fid" in models and len(names) > 1 else None
     pairs = zip(
         _batches(run_dir, options.reference, names, options.batch_size, size),
         _batches(run_dir, method, names, options.batch_size, size),
@@ -205,22 +172,23 @@ def _load_models(options: EvaluateOptions, prompt_set: str, n_images: int, devic
     return models, unavailable
 
 
-def _score_method(run_dir, options, method, ref_names, size, models, fd) -> tuple[dict, dict, int | None, int]:
-    """One method's report entry (without time and memory), its per-pair scores, the MS-SSIM scales used and the
-    number of pairs."""
+def _score_method(run_dir, options, method, names, size, models, fd) -> tuple[dict, dict, int | None, int]:
+    """One method's report entry (without time and memory) over its image pairs ``names``, its per-pair scores,
+    the MS-SSIM scales used and the number of pairs. ``fd`` holds the reference's classifier features of the
+    images of ``names`` (a partial method's classifier FD is against the reference images of its own pairs)."""
     scales = None
     if method == options.reference:  # trivial by definition: no need to compare a set with itself
         has_lpips = "lpips" in models
         entry = {"fid": 0.0 if "fid" in models else None, "lpips": 0.0 if has_lpips else None,
                  "lpips_std": 0.0 if has_lpips else None, "ms_ssim": 1.0, "ms_ssim_std": 0.0}  # fmt: skip
-        n, per_pair = len(ref_names), {}
+        n, per_pair = len(names), {}
     else:
-        entry, n, scales, per_pair = _compare(run_dir, options, method, ref_names, size, models)
+        entry, n, scales, per_pair = _compare(run_dir, options, method, names, size, models)
     entry["prompt_accuracy"] = entry["fd_classifier"] = None
     if "prompt_accuracy" in models:
-        own_fd = None if method == options.reference else fd
+        own_fd = None if method == options.reference or len(names) < 2 else fd
         entry["prompt_accuracy"], per_pair["prompt_accuracy"], entry["fd_classifier"] = _classifier_metrics(
-            run_dir, method, ref_names, options, models["prompt_accuracy"], own_fd
+            run_dir, method, names, options, models["prompt_accuracy"], own_fd
         )
         if fd is not None and method == options.reference:
             entry["fd_classifier"] = 0.0  # a set against itself, by definition
@@ -252,18 +220,41 @@ def _report_config(manifest: dict, methods: list[str], options: EvaluateOptions,
     return config
 
 
-def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
-    """Compute the report data of a run directory (see :mod:`evaluation.report` for writing it)."""
-    run_dir = Path(run_dir)
-    methods, names = image_sets(run_dir, options.reference)
-    manifest = load_manifest(run_dir)
-    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods), _step_options(manifest, methods)) if options.cost else None
-    try:  # checked before any metric is computed
-        extra = parse_pairs(options.compare, methods, options.reference) if options.compare else []
+def _extra_pairs(options: EvaluateOptions, chosen: Selection) -> list[tuple[str, str]]:
+    """``--compare``'s pairs, checked to name evaluated methods that share at least one image pair."""
+    if not options.compare:
+        return []
+    try:
+        extra = parse_pairs(options.compare, chosen.methods, options.reference, chosen.not_evaluated())
     except ValueError as error:
         raise EvaluationError(str(error)) from error
+    for a, b in extra:
+        if not set(chosen.pairs[a]) & set(chosen.pairs[b]):
+            raise EvaluationError(
+                f"--compare {a}:{b}: the two methods have no (class, sample) image in common to compare "
+                f"({a} has {len(chosen.pairs[a])}, {b} {len(chosen.pairs[b])}); finish them with `tofu-sd generate`"
+            )
+    return extra
+
+
+def _grid_names(chosen: Selection) -> list[str]:
+    """The reference's image names, those every evaluated method has first (grid.png's columns come from them)."""
+    sets = [set(chosen.pairs[m]) for m in chosen.methods]
+    names = chosen.pairs[chosen.reference]
+    return [n for n in names if all(n in s for s in sets)] + [n for n in names if not all(n in s for s in sets)]
+
+
+def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
+    """Compute the report data of a run directory (see :mod:`evaluation.report` for writing it): every method of
+    ``options.methods`` (all by default) on the image pairs it shares with the reference."""
+    run_dir = Path(run_dir)
+    chosen = select(run_dir, options.reference, options.methods)
+    methods = chosen.methods
+    manifest = load_manifest(run_dir)
+    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods), _step_options(manifest, methods)) if options.cost else None
+    extra = _extra_pairs(options, chosen)  # checked before any metric is computed
     device = resolve_device(options.device)
-    ref_names = names[options.reference]
+    ref_names = chosen.pairs[options.reference]
     size = tuple(load_image(run_dir / options.reference / ref_names[0]).shape[-2:])
     prompt_set = manifest.get("config", {}).get("prompts", "imagenet")
     models, unavailable = _load_models(options, prompt_set, len(ref_names), device)
@@ -275,13 +266,20 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     per_pair: dict[str, dict[str, list[float]]] = {}
     ms_ssim_scales = None
     for method in methods:
-        entry, per_pair[method], scales, n = _score_method(run_dir, options, method, ref_names, size, models, fd)
+        names = chosen.pairs[method]
+        own_fd = fd
+        if fd is not None and len(names) < len(ref_names):  # a partial method: the reference images of its pairs
+            own_fd = _reference_features(run_dir, names, options, models["prompt_accuracy"]) if len(names) > 1 else None
+        entry, per_pair[method], scales, n = _score_method(run_dir, options, method, names, size, models, own_fd)
         ms_ssim_scales = scales or ms_ssim_scales
         results[method] = {**entry, **_timing(manifest["methods"].get(method, {})), "n_images": n}
 
     config = _report_config(manifest, methods, options, prompt_set, ms_ssim_scales)
-    report = {"methods": results, "config": config, "unavailable": unavailable, "names": names[options.reference]}
+    report = {"methods": results, "config": config, "unavailable": unavailable, "selection": chosen.describe(),
+              "names": _grid_names(chosen)}  # fmt: skip
     report["pareto"] = pareto_data(report, cost)
     report["per_pair"] = per_pair
-    report["paired"] = paired_comparisons(per_pair, options.reference, extra)
+    if chosen.partial:  # the images of a partial method's per-pair lists (the others': every reference image)
+        report["per_pair_names"] = {m: chosen.pairs[m] for m in chosen.partial}
+    report["paired"] = paired_comparisons(per_pair, options.reference, extra, chosen.pairs)
     return report

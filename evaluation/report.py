@@ -17,8 +17,8 @@ from .paired import markdown_lines as paired_markdown
 from .pareto import BENCH_SECONDS, BENCH_X, pareto_figure
 
 
-def _fmt(value, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _fmt(value, digits: int, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def _header(config: dict, ref: dict) -> list[str]:
@@ -42,7 +42,9 @@ def _header(config: dict, ref: dict) -> list[str]:
     return lines
 
 
-def _table(methods: dict, ref: dict) -> list[str]:
+def _table(methods: dict, ref: dict, partial: dict | None = None) -> list[str]:
+    """The table; a ``partial`` method's (fewer pairs than the reference) set-level metrics say their count."""
+    partial = partial or {}
     lines = [
         "| Method | FID ↓ | LPIPS ↓ | MS-SSIM ↑ | Prompt acc. ↑ | Classifier FD ↓ | Time (s/img) ↓ | Speed-up | "
         "Peak mem (GB) ↓ | Mem saving |",
@@ -56,9 +58,11 @@ def _table(methods: dict, ref: dict) -> list[str]:
             f"{100 * (1 - m['peak_mem_gb'] / ref['peak_mem_gb']):.1f}%" if m["peak_mem_gb"] and ref["peak_mem_gb"] else "n/a"
         )
         lpips = "n/a" if m["lpips"] is None else f"{m['lpips']:.4f} ± {m['lpips_std']:.4f}"
+        count = f" ({partial[name]['pairs']} of {partial[name]['of']} img)" if name in partial else ""
+        fid, fd = _fmt(m["fid"], 2, count), _fmt(m.get("fd_classifier"), 3, count)
         lines.append(
-            f"| {name} | {_fmt(m['fid'], 2)} | {lpips} | {m['ms_ssim']:.4f} ± {m['ms_ssim_std']:.4f} | "
-            f"{_fmt(m.get('prompt_accuracy'), 3)} | {_fmt(m.get('fd_classifier'), 3)} | "
+            f"| {name} | {fid} | {lpips} | {m['ms_ssim']:.4f} ± {m['ms_ssim_std']:.4f} | "
+            f"{_fmt(m.get('prompt_accuracy'), 3)} | {fd} | "
             f"{_fmt(m['sec_per_image'], 3)} | {speedup} | {_fmt(m['peak_mem_gb'], 2)} | {saving} |"
         )
     return lines
@@ -124,13 +128,42 @@ def markdown(report: dict) -> str:
     """The report as Markdown: one row per method, speed-up and memory saving relative to the reference."""
     config, methods = report["config"], report["methods"]
     ref = methods[config["reference"]]
-    lines = _header(config, ref) + _table(methods, ref) + _notes(config, methods)
+    selection = report.get("selection") or {}
+    lines = _header(config, ref) + _selection_lines(selection, config["reference"])
+    lines += _table(methods, ref, selection.get("partial")) + _notes(config, methods)
     lines += _pareto_lines(report.get("pareto"), config["reference"])
     lines += paired_markdown(report.get("paired") or [])
     names = {"fid": "FID", "lpips": "LPIPS", "prompt_accuracy": "Prompt accuracy", "fd_classifier": "Classifier FD"}
     for metric, reason in report.get("unavailable", {}).items():
         lines += ["", f"**{names.get(metric, metric)} unavailable**: {reason}"]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(selection: dict, reference: str) -> list[str]:
+    """Which methods were evaluated, on how many pairs, and which were left out and why (nothing for a report
+    written before the selection was recorded)."""
+    if not selection:
+        return []
+    evaluated, run = selection["evaluated"], selection["run_methods"]
+    which = "all of the run's methods" if len(evaluated) == len(run) else f"{len(evaluated)} of the run's {len(run)}"
+    lines = [f"Methods evaluated ({which}): {', '.join(evaluated)}."]
+    if selection["not_selected"]:
+        lines.append(f"Not evaluated (left out by `--methods`): {', '.join(selection['not_selected'])}.")
+    if selection["left_out"]:
+        reasons = "; ".join(f"{m} ({why})" for m, why in selection["left_out"].items())
+        lines.append(f"Left out, nothing to compare: {reasons}.")
+    if selection["partial"]:
+        counts = ", ".join(f"{m}: {p['pairs']} of {p['of']} pairs" for m, p in selection["partial"].items())
+        lines.append(
+            f"Partial methods, evaluated on the (class, sample) images that both they and `{reference}` have: "
+            f"{counts}. "
+            "Their FID and classifier FD (marked with their count) compare fewer images, and these distances are "
+            "biased upwards at smaller counts: compare them only between methods of the same count."
+        )
+    if selection["unpaired"]:
+        counts = ", ".join(f"{m}: {n}" for m, n in selection["unpaired"].items())
+        lines.append(f"Images with no `{reference}` image to pair with, not compared: {counts}.")
+    return [part for line in lines for part in (line, "")]
 
 
 def _pareto_lines(pareto: dict | None, reference: str) -> list[str]:
@@ -172,14 +205,15 @@ def _pareto_lines(pareto: dict | None, reference: str) -> list[str]:
 def comparison_grid(
     run_dir: Path, methods: list[str], names: list[str], columns: int = 8, prompt_set: str = "imagenet"
 ) -> Image.Image:
-    """Rows are methods, columns the same seeds (one sample of each of the first classes), labelled."""
+    """Rows are methods, columns the same seeds (one sample of each of the first classes), labelled; a method
+    without one of the images (a partial one) shows a grey cell there."""
     chosen, seen = [], set()
     for name in names:  # prefer distinct classes, like the paper's Figure 5
         if name[:4] not in seen:
             chosen.append(name)
             seen.add(name[:4])
     chosen = (chosen + [n for n in names if n not in chosen])[:columns]
-    with Image.open(run_dir / methods[0] / chosen[0]) as first:
+    with Image.open(next(run_dir / m / chosen[0] for m in methods if (run_dir / m / chosen[0]).exists())) as first:
         w, h = first.size
     scale = max(1, 128 // max(w, h))  # small images (the built-in model's 64 px) are shown enlarged
     w, h = w * scale, h * scale
@@ -193,9 +227,14 @@ def comparison_grid(
     for i, method in enumerate(methods):
         draw.text((6, top + i * (h + pad) + h // 2 - 6), method, fill="black", font=font)
         for j, name in enumerate(chosen):
+            x, y = left + j * (w + pad), top + i * (h + pad)
+            if not (run_dir / method / name).exists():  # a partial method: a grey cell where it has no image
+                draw.rectangle((x, y, x + w - 1, y + h - 1), fill="lightgrey")
+                draw.text((x + 4, y + h // 2 - 6), "no image", fill="black", font=font)
+                continue
             with Image.open(run_dir / method / name) as image:
                 shown = image.convert("RGB").resize((w, h), Image.NEAREST if scale > 1 else Image.BICUBIC)
-                grid.paste(shown, (left + j * (w + pad), top + i * (h + pad)))
+                grid.paste(shown, (x, y))
     return grid
 
 
