@@ -3,6 +3,11 @@ from 4-column img_ids, rotary positions that follow their tokens (against a per-
 mutation check), text untouched, CFG, ratio 0, compile, remove, refusals."""
 
 import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
+import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor

@@ -4,6 +4,11 @@ keys, checked by what reaches the attention kernel and the projections (counts, 
 Flux's rotary rows against the unpatched keys); ratio 0, remove, compile, checkpointing, fused projections, a hook
 of another package's. The joint attention itself is checked against references in test_dit_kv_attention.py."""
 
+import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
 import contextlib
 import functools
 from unittest import mock

@@ -5,6 +5,11 @@ nothing) and against a loop-based reference: every query, one key and value per 
 with ``log(size)`` by hand, on Flux rotary embedding by hand with the position of each group's kept token.
 The wiring through whole models is in test_dit_kv.py."""
 
+import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
 import math
 
 import pytest

@@ -3,6 +3,11 @@ positions that follow their tokens (against a per-batch-element reference and th
 untouched, CFG, compile, threads, remove; QwenImagePipeline end to end; the real config's slice on the meta
 device."""
 
+import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
 import threading
 
 import pytest

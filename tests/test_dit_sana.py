@@ -3,6 +3,11 @@ processor run on the reduced tokens), the cross-attention and the GLU-conv feed-
 odd and non-square grids with patch sizes 1 and 2, one partition per CFG batch, refusals, compile, remove."""
 
 import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
+import pytest
 import torch
 from diffusers import SanaTransformer2DModel
 from diffusers.models.attention_processor import (

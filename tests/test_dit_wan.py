@@ -3,6 +3,11 @@ references of the partition and of local matching), rotary rows that follow thei
 run per batch element, and the rotation against a per-element formula), cross-attention (text, I2V image)
 untouched, refusals, compile, deep copy, threads, and the ``wan-slice`` bench config on the meta device."""
 
+import pytest
+
+pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
+
+
 import copy
 import inspect
 import threading

@@ -178,3 +178,23 @@ def test_an_unregistered_class_names_the_families_and_register_family_checks_its
         tofu_sd.register_family(int, ToyFamily())
     with pytest.raises(TypeError, match="Family instance"):
         tofu_sd.register_family(ToyTransformer, object())
+
+
+def test_an_older_diffusers_is_refused_by_the_families_tested_on_a_newer_one(monkeypatch):
+    """Qwen-Image's adapter (and reduce="kv" on SD3's joint attention) was written on diffusers 0.42.1: under an
+    older release ``apply`` refuses, naming both versions, and leaves the model alone; the older families apply."""
+    import importlib.metadata
+
+    from tests.test_dit_common import sd3_inputs, tiny_qwenimage, tiny_sd3
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.41.0" if name == "diffusers" else real(name))
+    qwen, sd3 = tiny_qwenimage(), tiny_sd3()
+    for model, options in [(qwen, {}), (sd3, {"reduce": "kv"})]:
+        with pytest.raises(ValueError, match=r"tested on diffusers >= 0\.42\.1; this environment has diffusers 0\.41\.0"):
+            tofu_sd.apply(model, 0.5, **options)
+        assert tofu_sd.get_state(model) is None
+    tofu_sd.apply(sd3, 0.5)  # reduce="tokens" on SD3: the package's floor holds
+    with torch.no_grad():
+        sd3(**sd3_inputs(sd3))
+    tofu_sd.remove(sd3)

@@ -5,25 +5,19 @@ FLUX.2 (:mod:`.flux2`, its double-stream blocks), Qwen-Image (:mod:`.qwenimage`)
 2.2 video (:mod:`.wan`).
 """
 
+import importlib
+
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
-from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
-from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from .base import Family, Part, Site
 from .flux import FluxFamily
-from .flux2 import Flux2Family
 from .pixart import PixArtFamily
-from .qwenimage import QwenImageFamily
 from .registry import family_of, register_family, supported
-from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import MODEL_CLASSES as UNET_CLASSES
 from .unet import UNetFamily
-from .wan import WanFamily
 
 _UNET = UNetFamily()
 for _cls in UNET_CLASSES:
@@ -31,9 +25,22 @@ for _cls in UNET_CLASSES:
 register_family(SD3Transformer2DModel, SD3Family())
 register_family(PixArtTransformer2DModel, PixArtFamily())
 register_family(FluxTransformer2DModel, FluxFamily())
-register_family(Flux2Transformer2DModel, Flux2Family())
-register_family(QwenImageTransformer2DModel, QwenImageFamily())
-register_family(WanTransformer3DModel, WanFamily())
-register_family(SanaTransformer2DModel, SanaFamily())
+
+#: The families written on diffusers 0.42.1, whose model classes older releases may lack: (module of the model
+#: class, its name, the adapter's module, its class). Each is registered when both import; its adapter refuses a
+#: diffusers older than it was tested on (``Family.tested_diffusers``).
+NEWER_FAMILIES = (
+    ("diffusers.models.transformers.transformer_flux2", "Flux2Transformer2DModel", ".flux2", "Flux2Family"),
+    ("diffusers.models.transformers.transformer_qwenimage", "QwenImageTransformer2DModel", ".qwenimage", "QwenImageFamily"),
+    ("diffusers.models.transformers.transformer_wan", "WanTransformer3DModel", ".wan", "WanFamily"),
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformer2DModel", ".sana", "SanaFamily"),
+)
+for _where, _name, _adapter, _family in NEWER_FAMILIES:
+    try:
+        _model_class = getattr(importlib.import_module(_where), _name)
+        _family_class = getattr(importlib.import_module(_adapter, __name__), _family)
+    except (ImportError, AttributeError):  # this diffusers lacks the model class, or what its adapter imports
+        continue
+    register_family(_model_class, _family_class())
 
 __all__ = ["Family", "Part", "Site", "family_of", "register_family", "supported"]

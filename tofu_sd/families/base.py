@@ -14,9 +14,11 @@ MLERP merging (``M``) in every block, ``max_downsample`` and ``modules`` refused
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, fields
 
 import torch
+from packaging.version import Version
 
 from ..arguments import argument
 from ..config import TokenFusionConfig, parse_blocks
@@ -82,6 +84,9 @@ class Family:
     #: A video family's default ``st`` (frames per cell; its :meth:`grid` is ``(frames, h, w)``); ``None`` for an
     #: image family, whose grid is ``(h, w)``.
     default_st: int | None = None
+    #: The oldest diffusers release this family's adapter was tested on (None: the package's floor); an older
+    #: diffusers is refused by :meth:`check`, since the model classes' internals that the adapter relies on change.
+    tested_diffusers: str | None = None
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         """Every patchable block of ``model``, in forward order."""
@@ -119,6 +124,9 @@ class Family:
 
     def check(self, model: torch.nn.Module, sites: list[Site], config: TokenFusionConfig) -> None:
         """Raise ``ValueError`` for an option or a module that the family cannot patch as ``config`` asks."""
+        require_diffusers(self.tested_diffusers, f"Token Fusion on {self.name} models")
+        if config.reduce == "kv" and self.joint_attention is not None:
+            require_diffusers(JOINT_KV_DIFFUSERS, f"reduce='kv' on {self.name} models")
         if config.max_downsample != 1:
             raise ValueError(
                 f"max_downsample={config.max_downsample} only means something for U-Nets (their lower-resolution "
@@ -165,6 +173,23 @@ class Family:
             return [Part(name, "single") for name in site.attentions]
         kind = "kv" if config.reduce == "kv" else "tokens"
         return [Part(name, kind) for name in site.attentions]
+
+
+#: The oldest diffusers release ``reduce="kv"`` on joint attentions (:mod:`tofu_sd.joint_kv`) was tested on: it
+#: runs the attention as that release's processors do.
+JOINT_KV_DIFFUSERS = "0.42.1"
+
+
+def require_diffusers(version: str | None, what: str) -> None:
+    """Raise ``ValueError`` if the installed diffusers is older than ``version`` (``what`` was tested on it)."""
+    if version is None:
+        return
+    installed = importlib.metadata.version("diffusers")
+    if Version(installed) < Version(version):
+        raise ValueError(
+            f"{what} was tested on diffusers >= {version}; this environment has diffusers {installed}. Upgrade it "
+            f"(pip install -U 'diffusers>={version}'), or leave this model without Token Fusion."
+        )
 
 
 def latent_grid(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:

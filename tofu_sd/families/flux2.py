@@ -34,6 +34,7 @@ from .flux import grid_from_ids
 
 class Flux2Family(Family):
     name = "FLUX.2"
+    tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 2
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))

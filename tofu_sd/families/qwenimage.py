@@ -67,6 +67,7 @@ def grid_from_shapes(img_shapes) -> tuple[int, int] | None:
 
 class QwenImageFamily(Family):
     name = "Qwen-Image"
+    tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 3
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))

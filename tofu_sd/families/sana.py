@@ -46,6 +46,7 @@ PROCESSORS = (
 
 class SanaFamily(Family):
     name = "Sana"
+    tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 2
     key_value_refusal = (
         "its self-attention is linear attention, whose processor ignores attention masks, so proportional "

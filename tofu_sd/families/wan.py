@@ -62,6 +62,7 @@ class WanRotary(RotaryLayout):
 
 class WanFamily(Family):
     name = "Wan"
+    tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 1
     default_st = 2
     rotary_norms = (("norm_q", False), ("norm_k", False))
