@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPAGPipeline
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 
 import tofu_sd
@@ -148,6 +148,22 @@ def test_img2img_after_txt2img_starts_its_own_steps():
     pipe = _pipe(rematch_every=2)
     _latents(pipe, num_inference_steps=3)  # steps at 999, 666, 333: the img2img's 199 would be step 3, a reuse step
     assert torch.equal(_img2img(pipe, 0.2), _img2img(_pipe(rematch_every=2), 0.2))
+
+
+def _inpaint(pipe, strength):
+    image = torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    return _latents(StableDiffusionInpaintPipeline(**pipe.components), image=image, mask_image=mask, strength=strength,
+                    num_inference_steps=10)  # fmt: skip
+
+
+def test_inpainting_after_txt2img_starts_its_own_steps():
+    """An inpainting call at a low strength after a txt2img call through the same components: its own steps and
+    matchings, the latents of the same call made alone."""
+    pipe = _pipe(rematch_every=2)
+    _latents(pipe, num_inference_steps=3)
+    assert torch.equal(_inpaint(pipe, 0.2), _inpaint(_pipe(rematch_every=2), 0.2))
 
 
 def test_a_call_after_an_interrupted_one_starts_fresh():
