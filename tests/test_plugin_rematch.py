@@ -119,7 +119,7 @@ def test_a_shape_change_rematches_and_storage_stays_bounded(matches, monkeypatch
         before = len(matches)
         outputs.append(call(unet, step_inputs(unet, i, height=h, width=w), "batched"))
         computed.append(matches[before:])
-        stored = {(key[1], key[2]) for key in call_data.matchings}
+        stored = {key[1][-2:] for key in call_data.matchings}  # key: (block, (frames, h, w), batch, ...)
         assert stored == [{(16, 16)}, {(16, 16), (12, 12)}, {(16, 16), (12, 12)}, {(12, 12)}][i], i
         assert len(call_data.matchings) == BLOCKS * len(stored)
     assert [len(m) for m in computed] == [5, 5, 0, 5]  # step 1: a grid of its own; step 3: a matching step
