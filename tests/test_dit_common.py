@@ -21,6 +21,21 @@ from tofu_sd.families import family_of
 from tofu_sd.reducing import REDUCE_HOOK
 from tofu_sd.config import TokenFusionConfig, parse_blocks
 
+
+class ShiftedPositions:
+    """A matching whose kept tokens claim the first N - r positions (reduction and restore unchanged): the rotary
+    rows a plausible bug would give, which the rotary tests' references must tell apart from the right ones."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+    @property
+    def keep_idx(self):
+        return torch.arange(self.m.num_tokens - self.m.r).expand(self.m.batch, -1)
+
 # ---------------------------------------------------------------------------------------------------------
 # Tiny models and their inputs.
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from test_dit_common import (
+    ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
     check_ratio_zero_then_compiled,
@@ -138,29 +139,16 @@ def test_rotary_positions_follow_their_tokens(name, letter):
         if name.startswith("single"):
             expected = reference_single(attn, x, 4, emb, m, MODES[letter])
             # With the first N - r positions instead of the kept tokens' own, the result is another one.
-            wrong = reference_single(attn, x, 4, emb, _shifted(m), MODES[letter])
+            wrong = reference_single(attn, x, 4, emb, ShiftedPositions(m), MODES[letter])
             torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
             assert not torch.allclose(out, wrong, atol=1e-4)
         else:
             expected = reference_double(attn, x, kwargs["encoder_hidden_states"], emb, m, MODES[letter])
-            wrong = reference_double(attn, x, kwargs["encoder_hidden_states"], emb, _shifted(m), MODES[letter])
+            wrong = reference_double(attn, x, kwargs["encoder_hidden_states"], emb, ShiftedPositions(m), MODES[letter])
             for got, want in zip(out, expected):
                 torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
             assert not torch.allclose(out[0], wrong[0], atol=1e-4)
 
-
-class _shifted:
-    """A matching whose kept tokens claim the first N - r positions (reduction and restore unchanged)."""
-
-    def __init__(self, m):
-        self.m = m
-
-    def __getattr__(self, name):
-        return getattr(self.m, name)
-
-    @property
-    def keep_idx(self):
-        return torch.arange(self.m.num_tokens - self.m.r).expand(self.m.batch, -1)
 
 
 def test_cfg_batch_shares_one_partition_and_rematch_every():

@@ -12,6 +12,7 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 from test_dit_common import (
+    ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
     check_ratio_zero_then_compiled,
@@ -145,19 +146,6 @@ def reference_double(attn, x, text, emb, m, mode):
     return restore_tokens(torch.cat(images), m), torch.cat(texts)
 
 
-class Shifted:
-    """A matching whose kept tokens claim the first N - r positions (reduction and restore unchanged)."""
-
-    def __init__(self, m):
-        self.m = m
-
-    def __getattr__(self, name):
-        return getattr(self.m, name)
-
-    @property
-    def keep_idx(self):
-        return torch.arange(self.m.num_tokens - self.m.r).expand(self.m.batch, -1)
-
 
 def check_rotary_follows_tokens(model, inputs, letter, name="transformer_blocks.1"):
     """The patched attention of block ``name`` against :func:`reference_double`, and not against the same with
@@ -177,7 +165,7 @@ def check_rotary_follows_tokens(model, inputs, letter, name="transformer_blocks.
     call = (attn, kwargs["hidden_states"], kwargs["encoder_hidden_states"], emb)
     with torch.no_grad():
         expected = reference_double(*call, m, MODES[letter])
-        wrong = reference_double(*call, Shifted(m), MODES[letter])
+        wrong = reference_double(*call, ShiftedPositions(m), MODES[letter])
     for got, want in zip(out, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     assert not torch.allclose(out[0], wrong[0], atol=1e-4) and not torch.allclose(out[1], wrong[1], atol=1e-4)

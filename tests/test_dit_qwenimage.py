@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from test_dit_common import (
+    ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
     check_ratio_zero_then_compiled,
@@ -112,19 +113,6 @@ def reference_attention(attn, x, text, mask, emb, m, mode):
     return restore_tokens(torch.cat(images), m), torch.cat(texts)
 
 
-class Shifted:
-    """A matching whose kept tokens claim the first N - r positions (reduction and restore unchanged)."""
-
-    def __init__(self, m):
-        self.m = m
-
-    def __getattr__(self, name):
-        return getattr(self.m, name)
-
-    @property
-    def keep_idx(self):
-        return torch.arange(self.m.num_tokens - self.m.r).expand(self.m.batch, -1)
-
 
 @pytest.mark.parametrize("letter", ["P", "M"])
 def test_rotary_positions_follow_their_tokens(letter):
@@ -143,7 +131,7 @@ def test_rotary_positions_follow_their_tokens(letter):
     with torch.no_grad():
         expected = reference_attention(*call, m, MODES[letter])
         # With the first N - r positions instead of the kept tokens' own, the result is another one.
-        wrong = reference_attention(*call, Shifted(m), MODES[letter])
+        wrong = reference_attention(*call, ShiftedPositions(m), MODES[letter])
     for got, want in zip(out, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     assert not torch.allclose(out[0], wrong[0], atol=1e-4) and not torch.allclose(out[1], wrong[1], atol=1e-4)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from test_dit_common import (
+    ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
     check_ratio_zero_then_compiled,
@@ -216,19 +217,6 @@ def reference_attn1(attn, x, emb, m, mode):
     return restore_tokens(torch.cat(outs), m)
 
 
-class _shifted:
-    """A matching whose kept tokens claim the first N - r positions (reduction and restore unchanged)."""
-
-    def __init__(self, m):
-        self.m = m
-
-    def __getattr__(self, name):
-        return getattr(self.m, name)
-
-    @property
-    def keep_idx(self):
-        return torch.arange(self.m.num_tokens - self.m.r).expand(self.m.batch, -1)
-
 
 @pytest.mark.parametrize("letter", ["P", "M"])
 def test_rotary_rows_follow_their_tokens(letter):
@@ -243,7 +231,7 @@ def test_rotary_rows_follow_their_tokens(letter):
     assert emb[0].shape == (1, 60, 1, 8) and not torch.equal(m.keep_idx[0], m.keep_idx[1])
     with torch.no_grad():
         expected = reference_attn1(attn, x, emb, m, MODES[letter])
-        wrong = reference_attn1(attn, x, emb, _shifted(m), MODES[letter])
+        wrong = reference_attn1(attn, x, emb, ShiftedPositions(m), MODES[letter])
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
     assert not torch.allclose(out, wrong, atol=1e-4)
 
