@@ -145,6 +145,26 @@ def run(model, inputs):
         return model(**inputs).sample
 
 
+def calls_in_threads(model, calls, repeats=3):
+    """Each call of ``calls`` (keyword arguments) made alone, then ``repeats`` times in a thread of its own, all
+    threads at once: ``(alone, results)``, ``results[i]`` the outputs of thread ``i``."""
+    import threading
+
+    alone = [run(model, c) for c in calls]
+    results = {i: [] for i in range(len(calls))}
+
+    def work(i):
+        for _ in range(repeats):
+            results[i].append(run(model, calls[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return alone, results
+
+
 def compiled_like_eager(model, inputs, **options):
     """Apply ``options`` to ``model`` and check that the patched model compiles with no graph break (fullgraph) and
     gives its eager output; returns the compiled model and the eager output."""
@@ -323,23 +343,11 @@ def test_deep_copy_is_patched_alike_and_independent(build, inputs):
 
 def test_threads_see_their_own_calls():
     """Two threads calling one patched model on different grids and timesteps get what each gets alone."""
-    import threading
-
     model = tiny_sd3(num_layers=2)
     tofu_sd.apply(model, ratio=0.5)
     calls = [sd3_inputs(model, height=16, width=12, timestep=700.0), sd3_inputs(model, height=10, width=14, timestep=300.0)]
-    alone = [run(model, c) for c in calls]
-    results = {}
-
-    def work(i):
-        for _ in range(3):
-            results.setdefault(i, []).append(run(model, calls[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    alone, results = calls_in_threads(model, calls)
     for i in range(2):
+        assert len(results[i]) == 3
         for out in results[i]:
             assert torch.equal(out, alone[i])

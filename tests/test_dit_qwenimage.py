@@ -8,12 +8,12 @@ import pytest
 pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on it; older ones are refused
 
 
-import threading
 
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from test_dit_common import (
+    calls_in_threads,
     ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
@@ -211,18 +211,7 @@ def test_threads_see_their_own_calls():
     model = tiny_qwenimage()
     tofu_sd.apply(model, ratio=0.5)
     calls = [qwenimage_inputs(model, batch=2, h=6, w=4, timestep=0.7), qwenimage_inputs(model, batch=1, h=5, w=7, timestep=0.3)]
-    alone = [run(model, c) for c in calls]
-    results = {0: [], 1: []}
-
-    def work(i):
-        for _ in range(3):
-            results[i].append(run(model, calls[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    alone, results = calls_in_threads(model, calls)
     for i in range(2):
         assert len(results[i]) == 3
         for out in results[i]:

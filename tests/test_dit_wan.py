@@ -10,13 +10,13 @@ pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on i
 
 import copy
 import inspect
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from test_dit_common import (
+    calls_in_threads,
     ShiftedPositions,
     assert_unpatched,
     capturing_matchings,
@@ -389,20 +389,9 @@ def test_threads_see_their_own_calls():
     model = tiny_wan()
     tofu_sd.apply(model, ratio=0.5, matching="local")
     calls = [wan_inputs(model, frames=5, h=3, w=4, timestep=700.0), wan_inputs(model, batch=1, frames=2, h=4, w=3, timestep=300.0)]
-    alone = [run(model, c) for c in calls]
-    results = {}
-
-    def work(i):
-        for _ in range(3):
-            results.setdefault(i, []).append(run(model, calls[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    alone, results = calls_in_threads(model, calls)
     for i in range(2):
-        assert all(torch.equal(out, alone[i]) for out in results[i])
+        assert len(results[i]) == 3 and all(torch.equal(out, alone[i]) for out in results[i])
 
 
 # ---------------------------------------------------------------------------------------------------------
