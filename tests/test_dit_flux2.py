@@ -1,6 +1,7 @@
-"""Token Fusion on a tiny FLUX.2 transformer: its double-stream blocks patched (single-stream ones not), the grid
-from 4-column img_ids, rotary positions that follow their tokens (against a per-batch-element reference, with a
-mutation check), text untouched, CFG, ratio 0, compile, remove, refusals."""
+"""Token Fusion on a tiny FLUX.2 transformer: its double- and single-stream blocks patched (the single-stream ones
+matched on the image tokens at the end of their [text, image] input), the grid from 4-column img_ids, rotary
+positions that follow their tokens (against a per-batch-element reference, with a mutation check), text untouched,
+CFG, ratio 0, compile, remove, gradient checkpointing, refusals."""
 
 import pytest
 
@@ -10,7 +11,10 @@ pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on i
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
-from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVAttnProcessor,
+    Flux2KVParallelSelfAttnProcessor,
+)
 from test_dit_common import (
     ShiftedPositions,
     assert_unpatched,
@@ -61,16 +65,16 @@ def flux2_inputs(model, batch=2, h=6, w=4, text=5, timestep=0.5, seed=1):
     }
 
 
-def test_default_blocks_are_the_double_stream_blocks_in_order():
-    model = tiny_flux2(num_layers=3)
+def test_default_blocks_are_double_then_single_stream_in_order():
+    model = tiny_flux2(num_layers=3, num_single_layers=2)
     tofu_sd.apply(model)
     assert [(b.name, b.letter) for b in tofu_sd.patched_blocks(model)] == [
         (f"transformer_blocks.{i}", "M") for i in range(3)
-    ]
-    tofu_sd.apply(model, blocks="0,2")
-    assert [b.name for b in tofu_sd.patched_blocks(model)] == ["transformer_blocks.0", "transformer_blocks.2"]
-    with pytest.raises(ValueError, match="names block\\(s\\) 3, but the model has 3 patchable blocks"):
-        tofu_sd.apply(model, blocks="3")
+    ] + [(f"single_transformer_blocks.{i}", "M") for i in range(2)]
+    tofu_sd.apply(model, blocks="0,3")
+    assert [b.name for b in tofu_sd.patched_blocks(model)] == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    with pytest.raises(ValueError, match="names block\\(s\\) 5, but the model has 5 patchable blocks"):
+        tofu_sd.apply(model, blocks="5")
 
 
 @pytest.mark.parametrize("batch,h,w", [(2, 6, 4), (1, 5, 7), (2, 3, 8), (1, 7, 7)])
@@ -95,6 +99,35 @@ def test_token_counts_and_text_untouched(batch, h, w):
     # Text tokens, bit for bit as the block passed them to its attention.
     ((_, kwargs),) = given["attn"]
     assert torch.equal(seen["text"][0][0][0], kwargs["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("batch,h,w", [(2, 6, 4), (1, 5, 7), (2, 3, 8)])
+def test_single_stream_token_counts_text_untouched_and_matching_on_the_image_tokens(batch, h, w):
+    """The single-stream block's input is [text, image]: only its last h * w tokens are matched and reduced."""
+    model = tiny_flux2()
+    inputs = flux2_inputs(model, batch=batch, h=h, w=w, text=5)
+    tofu_sd.apply(model, ratio=0.5, blocks=(2,), use_rand=False)
+    n, T = h * w, 5
+    kept = n - int(n * 0.5)
+    s0, s1 = model.single_transformer_blocks
+    counts = {"s0": s0.attn.to_qkv_mlp_proj, "s0_out": s0.attn.to_out, "s1": s1.attn.to_qkv_mlp_proj}
+    with (
+        recording(counts) as seen,
+        recording({"a": s0.attn, "b": s0}) as given,
+        capturing_matchings(model) as used,
+    ):
+        run(model, inputs)
+    got = {key: [args[0].shape[:2] for args, _ in calls] for key, calls in seen.items()}
+    assert got == {"s0": [(batch, T + kept)], "s0_out": [(batch, T + kept)], "s1": [(batch, T + n)]}
+    x = given["a"][0][1]["hidden_states"]
+    assert torch.equal(seen["s0"][0][0][0][:, :T], x[:, :T])  # text, bit for bit
+    (m,) = used["single_transformer_blocks.0"]
+    block_input = given["b"][0][1]["hidden_states"]
+    assert block_input.shape[1] == T + n and m.num_tokens == n
+    expected = match(block_input[:, T:], plan_blocks(h, w, 2, 2, batch, int(n * 0.5))[0])
+    assert torch.equal(m.keep_rows, expected.keep_rows) and torch.equal(m.dst_idx, expected.dst_idx)
+    wrong = match(block_input[:, :n], plan_blocks(h, w, 2, 2, batch, int(n * 0.5))[0])  # text included
+    assert not (torch.equal(m.keep_rows, wrong.keep_rows) and torch.equal(m.dst_idx, wrong.dst_idx))
 
 
 def test_grid_comes_from_columns_1_and_2_of_the_ids():
@@ -177,6 +210,61 @@ def test_rotary_positions_follow_their_tokens(letter):
     check_rotary_follows_tokens(model, flux2_inputs(model, batch=3, h=5, w=6, text=4), letter)
 
 
+def reference_single(call, x, T, emb, m, mode):
+    """A single-stream attention on ``[text, reduced image]``, one batch element at a time, each with the text's
+    rotary rows and its own kept tokens' rows, through ``call(tokens, table)`` (the processor itself); the image
+    part of the output restored."""
+    cos, sin = emb
+    reduced = reduce_tokens(x[:, T:], m, mode)
+    outs = []
+    for b in range(x.shape[0]):
+        rows = torch.cat([torch.arange(T), T + m.keep_idx[b]])
+        outs.append(call(torch.cat([x[b : b + 1, :T], reduced[b : b + 1]], 1), (cos[rows], sin[rows])))
+    out = torch.cat(outs)
+    return torch.cat([out[:, :T], restore_tokens(out[:, T:], m)], 1)
+
+
+def check_single_rotary_follows_tokens(model, inputs, letter, call, name="single_transformer_blocks.0"):
+    """The patched single-stream attention of block ``name`` against :func:`reference_single` (``call(attn,
+    tokens, table)`` runs its processor), and not against the same with wrong rotary rows."""
+    tofu_sd.apply(model, ratio=0.5, schedule=letter)
+    attn = model.get_submodule(name).attn
+    with (
+        recording({"a": attn}) as given,
+        recording({"a": attn}, "post") as returned,
+        capturing_matchings(model) as used,
+    ):
+        run(model, inputs)
+    (_, kwargs), out, m = given["a"][0], returned["a"][0], used[name][0]
+    emb, x, T = kwargs["image_rotary_emb"], kwargs["hidden_states"], inputs["encoder_hidden_states"].shape[1]
+    assert emb[0].shape[0] == x.shape[1] == T + m.num_tokens  # over [text, image]
+    assert not torch.equal(m.keep_idx[0], m.keep_idx[1])  # per batch element positions: the case that matters
+    run_call = lambda tokens, table: call(attn, tokens, table)
+    with torch.no_grad():
+        expected = reference_single(run_call, x, T, emb, m, MODES[letter])
+        wrong = reference_single(run_call, x, T, emb, ShiftedPositions(m), MODES[letter])
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+    assert not torch.allclose(out, wrong, atol=1e-4)
+
+
+@pytest.mark.parametrize("letter", ["P", "M"])
+def test_single_stream_rotary_positions_follow_their_tokens(letter):
+    model = tiny_flux2()
+    inputs = flux2_inputs(model, batch=3, h=5, w=6, text=4)
+    call = lambda attn, tokens, table: attn.processor(attn, tokens, None, table)
+    check_single_rotary_follows_tokens(model, inputs, letter, call)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_single_stream_blocks_under_gradient_checkpointing(reentrant):
+    """A checkpointed single-stream block's recomputation reduces with its forward's matching (kept under the
+    block's whole [text, image] input): the gradients equal those without checkpointing."""
+    from test_plugin_checkpointing import check
+
+    model = tiny_flux2()
+    check(model, flux2_inputs(model, h=4, w=6), reentrant, ratio=0.5, blocks="2,3")
+
+
 def test_cfg_batch_and_calls_share_one_partition():
     model = tiny_flux2()
     tofu_sd.apply(model, ratio=0.5)
@@ -203,12 +291,31 @@ def test_ratio_zero_remove_and_compile():
     assert torch.equal(run(model, inputs), full)
 
 
+def test_compile_repeated_blocks():
+    """Both kinds of block, compiled one block at a time with their hooks (the single-stream block's matching on
+    its last h * w tokens included), as eager."""
+    model = tiny_flux2()
+    inputs = flux2_inputs(model, h=5, w=5)
+    full = run(model, inputs)
+    tofu_sd.apply(model, ratio=0.5)
+    eager = run(model, inputs)
+    model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(run(model, inputs), eager, rtol=1e-4, atol=1e-5)
+    tofu_sd.remove(model)
+    torch.testing.assert_close(run(model, inputs), full, rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_options_are_refused():
     model = tiny_flux2()
     with pytest.raises(ValueError, match="reduce='kv' is not supported for FLUX.2 transformers yet: its attention"):
         tofu_sd.apply(model, reduce="kv")
     model.transformer_blocks[1].attn.set_processor(Flux2KVAttnProcessor())
     with pytest.raises(ValueError, match="transformer_blocks.1.attn: its attention processor Flux2KVAttnProcessor"):
+        tofu_sd.apply(model)
+    assert_unpatched(model)
+    model = tiny_flux2()
+    model.single_transformer_blocks[0].attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    with pytest.raises(ValueError, match="single_transformer_blocks.0.attn: its attention processor Flux2KVParallel"):
         tofu_sd.apply(model)
     assert_unpatched(model)
 

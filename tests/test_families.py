@@ -11,6 +11,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import tofu_sd
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
+from tests.test_dit_chroma import chroma_inputs, tiny_chroma
 from tests.test_dit_common import (
     flux_inputs,
     pixart_inputs,
@@ -49,7 +50,8 @@ FAMILIES = {
     "sd3.5": (functools.partial(tiny_sd3, dual_attention_layers=(0, 2)), sd3_inputs, 48, "attn"),
     "pixart": (tiny_pixart, pixart_inputs, 24, "attn1"),
     "flux": (tiny_flux, flux_inputs, 24, "attn"),
-    "flux2": (tiny_flux2, flux2_inputs, 24, "attn"),  # its double-stream blocks
+    "flux2": (tiny_flux2, flux2_inputs, 24, "attn"),
+    "chroma": (tiny_chroma, chroma_inputs, 24, "attn"),
     "wan": (tiny_wan, wan_inputs, 60, "attn1"),  # 5 frames of 3 x 4 tokens
     "qwen-image": (tiny_qwenimage, qwenimage_inputs, 24, "attn"),
     "sana": (tiny_sana, sana_inputs, 24, "attn1"),  # a 12 x 8 latent in 2 x 2 patches
@@ -60,7 +62,8 @@ def query_counts(model, attention):
     """A recorder of the query tokens that each patched block's attention projects, per call."""
     seen, handles = {}, []
     for block in tofu_sd.patched_blocks(model):
-        to_q = model.get_submodule(f"{block.name}.{attention}.to_q")
+        attn = model.get_submodule(f"{block.name}.{attention}")
+        to_q = attn.to_q if hasattr(attn, "to_q") else attn.to_qkv_mlp_proj  # FLUX.2's single-stream blocks: fused
         handles.append(to_q.register_forward_pre_hook(lambda m, a, name=block.name: seen.setdefault(name, []).append(a[0].shape[1])))
     return seen, handles
 
@@ -77,7 +80,7 @@ def test_apply_and_remove_on_every_family(family):
     patched = output(model, x)
     for handle in handles:
         handle.remove()
-    single = family == "flux"
+    single = family in ("flux", "flux2", "chroma")  # single-stream blocks: [text, image]
     for name, counts in seen.items():
         text = x["encoder_hidden_states"].shape[1] if single and name.startswith("single") else 0
         assert counts == [text + tokens - tokens // 2], name  # every patched attention ran on N - r image tokens
@@ -95,7 +98,7 @@ def test_the_family_of_each_model_class():
     names = {family: family_of(FAMILIES[family][0]()).name for family in FAMILIES}
     assert names == {
         "sd15": "U-Net", "sdxl": "U-Net", "sd3": "SD3", "sd3.5": "SD3", "pixart": "PixArt", "flux": "Flux",
-        "flux2": "FLUX.2",
+        "flux2": "FLUX.2", "chroma": "Chroma",
         "qwen-image": "Qwen-Image", "wan": "Wan", "sana": "Sana",
     }  # fmt: skip
 

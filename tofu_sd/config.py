@@ -134,9 +134,9 @@ class TokenFusionConfig:
             cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce around the
             attentions their family names (leave ``modules`` at its default there).
         blocks (`str` or `tuple[int, ...]`, *optional*):
-            Which blocks of a diffusion transformer (SD3, PixArt, Flux, FLUX.2, Qwen-Image, Sana, Wan; see
+            Which blocks of a diffusion transformer (SD3, PixArt, Flux, FLUX.2, Chroma, Qwen-Image, Sana, Wan; see
             :mod:`tofu_sd.families`) are patched, by
-            index in forward order (Flux: its double-stream blocks, then its single-stream blocks): a tuple of
+            index in forward order (FLUX.1, FLUX.2 and Chroma: the double-stream blocks, then the single-stream ones): a tuple of
             ints, or a string of indices and inclusive ranges, e.g. ``"0-11"`` or ``"0-3,8,20-23"``. ``None``
             patches every block. Only for diffusion transformers: U-Nets choose their blocks by resolution
             (``max_downsample``).

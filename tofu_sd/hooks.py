@@ -75,11 +75,17 @@ class MatchingHook(ModelHook):
     gradient checkpointing, else (on the grid of the call in progress) the one stored at the last matching step
     of ``rematch_every`` or a new one. Every reduced sub-module of the block uses it; it is freed when the block
     returns. With ``text_len`` (single-stream blocks), also records the number of text tokens that the block
-    puts in front of the image tokens (its ``encoder_hidden_states`` argument)."""
+    puts in front of the image tokens (its ``encoder_hidden_states`` argument). With ``image_last`` (single-stream
+    blocks whose model concatenated ``[text, image]`` before them: Chroma, FLUX.2), the input is that sequence:
+    the matching is taken on its last ``h * w`` tokens, and the tokens in front of them are the text."""
 
-    def __init__(self, call: CallState, grid: GridState, state: BlockState, index: int, text_len: bool = False):
+    def __init__(
+        self, call: CallState, grid: GridState, state: BlockState, index: int, text_len: bool = False,
+        image_last: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.call, self.grid, self.state, self.index, self.text_len = call, grid, state, index, text_len
+        self.image_last = image_last
 
     def pre_forward(self, module, *args, **kwargs):
         x = argument(args, kwargs, 0, "hidden_states")
@@ -90,12 +96,26 @@ class MatchingHook(ModelHook):
         grid = self.grid.grid
         if m is None and grid is not None:
             f, h, w = grid_3d(grid)
-            if f * h * w == x.shape[1]:
+            if f * h * w == x.shape[1] and not self.image_last:
                 m = self.call.matching(self.index, (f, h, w), x)
+            elif f * h * w < x.shape[1] and self.image_last:
+                m = self._match_last(x, (f, h, w))
         self.state.matching = m
-        if m is not None and self.text_len:
+        if m is not None and self.image_last:
+            self.state.text_len = x.shape[1] - m.num_tokens
+        elif m is not None and self.text_len:
             self.state.text_len = argument(args, kwargs, 1, "encoder_hidden_states").shape[1]
         return args, kwargs
+
+    def _match_last(self, x: torch.Tensor, grid: tuple[int, int, int]):
+        """The matching of the last ``f * h * w`` tokens of ``x``. If the call keeps it for a checkpointed
+        block's recomputation, it is kept under ``x`` too, the tensor that the recomputation gets again (the call
+        state keeps it under the image slice, which does not outlive this hook)."""
+        image = x[:, x.shape[1] - grid[0] * grid[1] * grid[2] :]
+        m = self.call.matching(self.index, grid, image)
+        if m is not None and self.call.recompute.find(self.index, image) is m:
+            self.call.recompute.keep(self.index, x, m)
+        return m
 
     def post_forward(self, module, output):
         self.state.clear()  # free the indices between calls

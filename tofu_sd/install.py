@@ -44,7 +44,8 @@ def install(model: torch.nn.Module, family: Family, sites: list[Site], schedule:
                 grid = grids[id(site.grid_module)] = GridState()
                 eager = site.grid_module is model  # outside a compiled model's graph (it may read on the host)
                 TorchHooks(site.grid_module, GridHook(grid, family.grid), GRID_HOOK, eager=eager)
-            _install_block(family, site, letter, MatchingHook(call, grid, BlockState(), index, site.single_stream), config)
+            matching = MatchingHook(call, grid, BlockState(), index, site.single_stream, site.image_last)
+            _install_block(family, site, letter, matching, config)
     except BaseException:
         uninstall(model)
         raise
@@ -68,7 +69,9 @@ def _install_block(family: Family, site: Site, letter: str, matching: MatchingHo
             hook = SingleStreamHook(state, letter)
         else:
             rotary = family.rotary_layout if family.rotary_norms else None
-            hook = ReduceRestoreHook(state, letter, chunks=part.chunks, key_mask=part.key_mask, rotary=rotary)
+            hook = ReduceRestoreHook(
+                state, letter, chunks=part.chunks, key_mask=part.key_mask, joint_mask=part.joint_mask, rotary=rotary
+            )
         register_innermost(module, hook, REDUCE_HOOK)
         for norm, text in family.rotary_norms:
             if getattr(module, norm, None) is not None:

@@ -4,9 +4,10 @@
   every token its output back (tomesd's ``m`` / ``u`` around ``attn1``, ``attn2`` or ``ff`` of a U-Net block;
   the image-stream attention of a diffusion transformer block, whose text tokens pass untouched). With
   ``rotary`` (a :class:`RotaryLayout`), the call's rotary table is taken out of the call and applied per kept
-  token by :class:`RotaryHook`;
-- :class:`SingleStreamHook` does the same to the image part of a ``[text, image]`` sequence (Flux's
-  single-stream blocks);
+  token by :class:`RotaryHook`; with ``joint_mask``, a mask over ``[text, image]`` is cut to the kept tokens
+  (:func:`cut_joint_mask`);
+- :class:`SingleStreamHook` does the same to the image part of a ``[text, image]`` sequence (the single-stream
+  blocks of Flux, Chroma and FLUX.2), its mask over that sequence cut alike;
 - :class:`KeyValueHook` keeps every token a query and passes the reduced tokens as keys and values
   (``reduce="kv"``), with proportional attention's ``log(size)`` bias as the attention mask (the joint
   attentions of SD3 and Flux, which take neither apart, have :mod:`tofu_sd.joint_kv` instead);
@@ -90,28 +91,51 @@ class RotaryLayout:
         return apply_rotary_emb(x, table, sequence_dim=1)
 
 
+def cut_joint_mask(mask: torch.Tensor, text_len: int, m: Matching) -> torch.Tensor | None:
+    """An attention mask over ``[text, image]`` (``text_len + N`` queries and keys) cut to the reduced sequence
+    ``[text, kept image tokens]``: the text rows and columns as they are, and per batch element the image rows and
+    columns of the kept slots' own positions (a merged group: its destination's), as :func:`gather_rotary` takes
+    positions. Any mask the attention takes that way is cut exactly, boolean or additive, whatever its image part.
+    ``mask``: 4-D, ``(B or 1, heads or 1, S or 1, S)``; ``None`` for a mask laid out otherwise."""
+    S, B = text_len + m.num_tokens, m.batch
+    if mask.ndim != 4 or mask.shape[0] not in (1, B) or mask.shape[-1] != S or mask.shape[-2] not in (1, S):
+        return None
+    text = torch.arange(text_len, device=mask.device).expand(B, -1)
+    rows = torch.cat([text, m.keep_idx.to(mask.device) + text_len], dim=1)  # (B, T + N - r)
+    mask = mask.expand(B, *mask.shape[1:])
+    heads = mask.shape[1]
+    if mask.shape[2] == S:
+        mask = mask.gather(2, rows[:, None, :, None].expand(B, heads, -1, S))
+    return mask.gather(3, rows[:, None, None, :].expand(B, heads, mask.shape[2], -1))
+
+
 class ReduceRestoreHook(_LetterHook):
     """Runs the module on the reduced tokens of its ``hidden_states``, then gives every token its output back.
 
     Only ``hidden_states`` is reduced: ``encoder_hidden_states`` (a cross-attention's or a joint attention's
     text) passes unchanged. A call that does not carry the block's tokens is left alone: another token count
     or batch, or an attention mask laid out per query (any mask, unless ``key_mask``: then a ``(B, 1, T)`` or
-    2-D mask over the text keys is kept). With ``chunks`` (a U-Net's ``ff``), a call on fewer batch rows is taken
+    2-D mask over the text keys is kept; or ``joint_mask``: then a mask over the ``[text, image]`` sequence that
+    the attention concatenates, text first, is cut to the kept tokens, :func:`cut_joint_mask`, and a mask laid
+    out otherwise leaves the call alone). With ``chunks`` (a U-Net's ``ff``), a call on fewer batch rows is taken
     as the next chunk of diffusers' batch-chunked feed-forward and reduced with those rows of the matching. With
     ``rotary`` (a :class:`RotaryLayout`), the call's ``image_rotary_emb`` is taken out of the call and handed to
     the :class:`RotaryHook` s: the text's table for the text queries and keys, each kept image token's own row
     for the image ones."""
 
-    def __init__(self, state: BlockState, letter: str, *, chunks=False, key_mask=False, rotary=None) -> None:
+    def __init__(
+        self, state: BlockState, letter: str, *, chunks=False, key_mask=False, joint_mask=False, rotary=None
+    ) -> None:
         super().__init__(state, letter)
-        self.chunks, self.key_mask, self.rotary = chunks, key_mask, rotary
+        self.chunks, self.key_mask, self.joint_mask, self.rotary = chunks, key_mask, joint_mask, rotary
 
     def _matching(self, args, kwargs, x) -> Matching | None:
         m = self.state.matching
         if m is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] != m.num_tokens:
             return None
         mask = argument(args, kwargs, 2, "attention_mask")
-        if mask is not None and not (self.key_mask and (mask.ndim < 3 or mask.shape[-2] == 1)):
+        keys_only = self.key_mask and (mask is not None and (mask.ndim < 3 or mask.shape[-2] == 1))
+        if mask is not None and not keys_only and not self.joint_mask:
             return None  # laid out for the full token set
         if x.shape[0] == m.batch:
             return m
@@ -128,10 +152,17 @@ class ReduceRestoreHook(_LetterHook):
         if m is None:
             return args, kwargs
         values = {0: ("hidden_states", reduce_tokens(x, m, self.mode))}
+        text = argument(args, kwargs, 1, "encoder_hidden_states")
+        text_len = 0 if text is None else text.shape[1]
+        mask = argument(args, kwargs, 2, "attention_mask") if self.joint_mask else None
+        if mask is not None:
+            mask = cut_joint_mask(mask, text_len, m)
+            if mask is None:
+                return args, kwargs  # laid out otherwise: leave the call alone
+            values[2] = ("attention_mask", mask)
         emb = argument(args, kwargs, 3, self.rotary.argument) if self.rotary is not None else None
         if emb is not None:
-            text = argument(args, kwargs, 1, "encoder_hidden_states")
-            tables = self.rotary.split(emb, 0 if text is None else text.shape[1], m)
+            tables = self.rotary.split(emb, text_len, m)
             if tables is None:
                 return args, kwargs  # positions laid out otherwise: leave the call alone
             self.state.rotary, self.state.rotary_text = tables
@@ -147,7 +178,8 @@ class SingleStreamHook(_LetterHook):
     """On a single-stream block's attention, whose ``hidden_states`` is ``[text, image]``: reduces the image
     part, keeps the text part bit for bit, and restores the image part of the output. The rotary table, laid out
     over ``[text, image]``, is gathered alike (text rows, then each kept image token's row) for the
-    :class:`RotaryHook` s. A call with an attention mask is left alone."""
+    :class:`RotaryHook` s. An attention mask over the sequence is cut to the kept tokens (:func:`cut_joint_mask`);
+    a call with a mask laid out otherwise is left alone."""
 
     def pre_forward(self, module, *args, **kwargs):
         m, text_len = self.state.matching, self.state.text_len
@@ -155,10 +187,15 @@ class SingleStreamHook(_LetterHook):
         x = argument(args, kwargs, 0, "hidden_states")
         if m is None or text_len is None or x is None or x.shape[1] != text_len + m.num_tokens:
             return args, kwargs
-        if argument(args, kwargs, 2, "attention_mask") is not None:
-            return args, kwargs
+        values = {}
+        mask = argument(args, kwargs, 2, "attention_mask")
+        if mask is not None:
+            mask = cut_joint_mask(mask, text_len, m)
+            if mask is None:
+                return args, kwargs
+            values[2] = ("attention_mask", mask)
         text, image = x[:, :text_len], x[:, text_len:]
-        values = {0: ("hidden_states", torch.cat([text, reduce_tokens(image, m, self.mode)], dim=1))}
+        values[0] = ("hidden_states", torch.cat([text, reduce_tokens(image, m, self.mode)], dim=1))
         emb = argument(args, kwargs, 3, "image_rotary_emb")
         if emb is not None:
             if emb[0].shape[0] != x.shape[1]:

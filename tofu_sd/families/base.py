@@ -36,12 +36,15 @@ class Part:
     ``kind``: ``"tokens"`` (on the reduced tokens of its ``hidden_states``, output restored), ``"kv"`` (every
     token a query, the reduced tokens as keys and values) or ``"single"`` (the image part of a ``[text, image]``
     sequence reduced and restored). ``chunks``: it may be called on batch chunks (a U-Net's feed-forward);
-    ``key_mask``: a mask over its keys alone is kept (a cross-attention's)."""
+    ``key_mask``: a mask over its keys alone is kept (a cross-attention's); ``joint_mask``: a ``"tokens"``
+    attention's mask over the ``[text, image]`` sequence it concatenates, text first, is cut to the kept tokens
+    (Chroma's; a ``"single"`` part always cuts a mask over its sequence)."""
 
     name: str  #: the sub-module's name under the block, e.g. ``attn1``, ``attn``, ``ff``
     kind: str = "tokens"
     chunks: bool = False
     key_mask: bool = False
+    joint_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Site:
     downsample: int = 1  #: resolution factor relative to the model's input (U-Nets: 1, 2, 4, ...)
     on_down_path: bool = False  #: in a U-Net's ``down_blocks``
     single_stream: bool = False  #: its attention sees ``[text, image]`` (its ``encoder_hidden_states`` is the text)
+    #: with ``single_stream``: the block's ``hidden_states`` already is ``[text, image]`` (the model concatenated
+    #: them, as Chroma and FLUX.2 do): the image tokens are its last ``h * w`` tokens, the text those in front
+    image_last: bool = False
 
 
 class Family:

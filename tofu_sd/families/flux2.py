@@ -1,4 +1,5 @@
-"""FLUX.2 (``Flux2Transformer2DModel``, FLUX.2 [dev] and [klein]): its double-stream blocks, in forward order.
+"""FLUX.2 (``Flux2Transformer2DModel``, FLUX.2 [dev] and [klein]): its double-stream blocks, then its single-stream
+blocks, in forward order (the ``blocks`` option indexes them so, as FLUX.1's).
 
 Its input is packed ``(B, N, C)``; the grid comes from the call's ``img_ids``, as in FLUX.1 (:mod:`.flux`), but
 FLUX.2's ids have four columns ``(t, row, col, layer)`` (``Flux2Pipeline._prepare_latent_ids``): columns 1 and 2
@@ -13,10 +14,12 @@ attention is called without it and the rotary hooks on ``norm_q`` / ``norm_k`` (
 ``norm_added_k`` for the text) rotate each kept token with its own position (a merged group: its destination's).
 The shared modulation is per batch element, not per token: it needs nothing.
 
-Not patched: the single-stream blocks. The model concatenates ``[text, image]`` before them and passes no
-``encoder_hidden_states``, so their input is no image token grid and the block's matching (taken on its image
-input) cannot be taken there yet; their fused parallel attention (``Flux2ParallelSelfAttnProcessor``: attention
-and MLP from one projection) would also have its MLP half reduced. ``reduce="kv"`` is refused.
+A single-stream block gets ``[text, image]``, concatenated by the model (its ``encoder_hidden_states`` is
+``None``): its matching is taken on the last ``h * w`` tokens (``Site.image_last``), and its fused parallel
+attention ``attn`` (``Flux2ParallelSelfAttnProcessor``: attention and MLP from one projection, one output
+projection over both) runs on the text and the reduced image tokens, its image part restored. The MLP half works
+per token, so it runs on the same reduced tokens, as the whole single-stream attention of FLUX.1 does; the rotary
+table's rows follow their tokens through the hooks on ``norm_q`` / ``norm_k``. ``reduce="kv"`` is refused.
 
 The default schedule, ``M`` in every block, is provisional: no FLUX.2 weights were analysed (``tofu-sd
 analyze``); it is the diffusion transformers' default.
@@ -25,7 +28,13 @@ analyze``); it is the diffusion transformers' default.
 from __future__ import annotations
 
 import torch
-from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2TransformerBlock
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2AttnProcessor,
+    Flux2ParallelSelfAttention,
+    Flux2ParallelSelfAttnProcessor,
+    Flux2SingleTransformerBlock,
+    Flux2TransformerBlock,
+)
 
 from ..arguments import argument
 from .base import Family, Site
@@ -43,11 +52,17 @@ class Flux2Family(Family):
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        return [
+        double = [
             Site(f"transformer_blocks.{i}", block, model, ("attn",))
             for i, block in enumerate(model.transformer_blocks)
             if isinstance(block, Flux2TransformerBlock)
         ]
+        single = [
+            Site(f"single_transformer_blocks.{i}", block, model, ("attn",), single_stream=True, image_last=True)
+            for i, block in enumerate(model.single_transformer_blocks)
+            if isinstance(block, Flux2SingleTransformerBlock)
+        ]
+        return double + single
 
     def grid(self, module, args, kwargs) -> tuple[int, int]:
         """The token grid of a FLUX.2 call, from its ``img_ids``; ``ValueError`` if they are no row-major grid of
@@ -74,9 +89,11 @@ class Flux2Family(Family):
 
     def check_attention(self, name: str, attn: torch.nn.Module) -> None:
         processor = getattr(attn, "processor", None)
-        if type(processor) is not Flux2AttnProcessor:
+        single = isinstance(attn, Flux2ParallelSelfAttention)
+        expected = Flux2ParallelSelfAttnProcessor if single else Flux2AttnProcessor
+        if type(processor) is not expected:
             raise ValueError(
                 f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
-                "Flux2AttnProcessor, the one that rotates queries and keys right after their norms, where Token "
-                "Fusion rotates each kept token (Flux2KVAttnProcessor's cached reference tokens are not supported)."
+                f"{expected.__name__}, the one that rotates queries and keys right after their norms, where Token "
+                "Fusion rotates each kept token (the KV processors' cached reference tokens are not supported)."
             )
