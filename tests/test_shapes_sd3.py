@@ -126,6 +126,27 @@ def test_export_loads_and_draws_64x64(tmp_path, finished_run):
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
+
+def test_init_from_an_exported_model_starts_from_its_weights_and_draws_other_batches(tmp_path, finished_run):
+    """A run continuing an exported model (``init_from``) starts from the exported weights (float16 on disk), not a
+    fresh initialisation, and its steps draw other batches than the first run's steps of the same index."""
+    export_model(finished_run[1], tmp_path / "model")
+    trainer = Trainer(tiny_config(tmp_path / "more", init_from=str(tmp_path / "model")), echo=quiet)
+    fresh = Trainer(tiny_config(tmp_path / "fresh"), echo=quiet)
+    exported = load_pipeline("cpu", folder=tmp_path / "model")
+    for ours, theirs, new in ((trainer.transformer, exported.transformer, fresh.transformer),
+                              (trainer.te2, exported.text_encoder_2, fresh.te2)):  # fmt: skip
+        for (name, a), b, c in zip(ours.state_dict().items(), theirs.state_dict().values(), new.state_dict().values()):
+            assert torch.equal(a, b.float()), name
+        assert any(not torch.equal(a, c) for a, c in zip(ours.state_dict().values(), new.state_dict().values()))
+    for a, b in zip(fresh.params(), trainer.params()):
+        a.data.copy_(b.data)  # the same weights: a different loss then means a different batch or noise
+    trainer.stage_latents()
+    fresh.stage_latents()
+    with torch.no_grad():
+        assert not torch.equal(trainer.loss(0), fresh.loss(0))
+        assert torch.equal(trainer.loss(0), trainer.loss(0))  # drawn from the step: the same on a resume
+
 shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(), reason="the model is not exported yet")
 
 

@@ -17,9 +17,10 @@ CHECKPOINT = "transformer.ckpt"
 LOSS_CSV = "loss.csv"
 
 
-def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """Generators for step ``step``: the same on a resumed run as on an uninterrupted one."""
-    key = [seed, 31, step]  # 31: apart from the --model tiny stages' keys
+def step_generators(seed: int, step: int, stage: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """Generators for step ``step``: the same on a resumed run as on an uninterrupted one. ``stage`` > 0 (a run
+    continuing an exported model) draws other batches than the first run's."""
+    key = [seed, 31, step] + ([stage] if stage else [])  # 31: apart from the --model tiny stages' keys
     rng = np.random.default_rng(key)
     return rng, torch.Generator().manual_seed(int(np.random.default_rng(key + [1]).integers(2**62)))
 

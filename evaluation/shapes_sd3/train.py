@@ -61,6 +61,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_minutes: float = 4.0
     threads: int = 0  # 0: torch's default
+    init_from: str = ""  # an exported model folder whose transformer and text encoders start the run ("": new)
     transformer: dict = field(default_factory=lambda: dict(C.TRANSFORMER))
     text_2: dict = field(default_factory=lambda: dict(C.TEXT_2))
 
@@ -87,6 +88,17 @@ class Trainer:
         self.vae = C.load_vae()
         self.te1, self.te2 = C.build_text_encoders(self.tokenizer, config.seed, config.text_2)
         self.transformer = C.build_transformer(config.seed, config.transformer)
+        if config.init_from:
+            self.load_exported(Path(config.init_from).expanduser())
+
+    def load_exported(self, folder: Path) -> None:
+        """Start from an exported model's weights (a checkpoint in the work dir, if any, still overrides them)."""
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        self.transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(folder / "transformer").float().state_dict())
+        for module, sub in ((self.te1, "text_encoder"), (self.te2, "text_encoder_2")):
+            module.load_state_dict(CLIPTextModelWithProjection.from_pretrained(folder / sub).float().state_dict())
 
     def save_state(self) -> None:
         write_text_atomic(self.state_path, json.dumps(self.state, indent=2))
@@ -128,7 +140,7 @@ class Trainer:
     def loss(self, step: int) -> torch.Tensor:
         """The rectified-flow loss of step ``step``'s batch (its pictures, captions and noise drawn from the step)."""
         c = self.config
-        rng, gen = step_generators(c.seed, step)
+        rng, gen = step_generators(c.seed, step, stage=1 if c.init_from else 0)
         idx = rng.integers(0, len(self.latents["labels"]), c.batch)
         drop = rng.random(c.batch) < c.caption_dropout
         choices = ZERO_TOKENS_MANY if rng.random() < P_MANY else ZERO_TOKENS_FEW
