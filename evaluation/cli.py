@@ -37,8 +37,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, config_class) -> None
     group.add_argument("--dtype", default=d["dtype"], help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     group.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (model default; a run being extended keeps its own)")
     group.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (model default; a run being extended keeps its own)")
-    group.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help=f"classifier-free guidance ({config_class.DEFAULT_GUIDANCE:g}; {TINY_SD3}: its own, 5)")
+    group.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help=f"classifier-free guidance ({config_class.DEFAULT_GUIDANCE:g}; {TINY_SD3}: its own, 5). Qwen-Image: its true_cfg_scale, with the negative prompt ' ' (its own default 4); FLUX.1-dev and FLUX.2: the distilled guidance the transformer takes (their own 3.5, 4); Sana: its own 4.5; Wan: its own 5. Give a model's own value to sample as its pipeline does")
     group.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="replace the model's scheduler")
+    group.add_argument("--frames", type=int, default=None, help="video pipelines (Wan text-to-video): frames per video, 4k+1 (the pipeline's own, 81); generate saves every frame under <method>/frames/<image name without .png>/ and the middle frame as the image the metrics compare")
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:

@@ -31,6 +31,7 @@ from .memory import PeakMemory
 from .methods import method_applied
 from .methods.magcache_calibration import Calibration, calibrating
 from .models import call_kwargs, check_methods, load_pipeline, resolve_device, resolve_dtype
+from .pipeline_calls import call_arguments, check_frames, is_video, middle_frame, output_images
 from .processes import Processes, ProcessesLost, Signals, describe
 from .rundir import Plan, RunDir, Unit, disk_full
 from .sampling import image_seed
@@ -66,13 +67,20 @@ def _generate(config: GenerateConfig, procs: Processes, stack: contextlib.ExitSt
     # Process 0 checks the options against the run's and holds the run directory; nothing is written yet.
     run = procs.step(lambda: RunDir.open(config, device, dtype, stack, log), main_only=True)
     pipe = procs.step(lambda: load_pipeline(config.model, device, dtype, config.scheduler))
-    # Methods the pipeline cannot run (U-Net-only ones on a diffusion transformer) are refused before anything is written.
+    # Methods the pipeline cannot run (U-Net-only ones on a diffusion transformer), and --frames on an image
+    # pipeline, are refused before anything is written.
     procs.step(lambda: check_methods(pipe, config.model, config.methods, config.reduction, config.method_options), main_only=True)
+    procs.step(lambda: check_frames(pipe, config.frames), main_only=True)
     devices = procs.exchange(str(device))
     # Process 0 checks the size against the pipeline, binds the run and lists the pending batches.
     plan = procs.step(lambda: run.start(pipe, devices, procs.count), main_only=True, share=True)
     maker = _Maker(config, pipe, device, plan)
     return _Rounds(procs, run, maker, plan).go(stack, progress)
+
+
+def frame_path(image_path: Path, index: int) -> Path:
+    """Where frame ``index`` of the video whose image is ``image_path`` goes: ``<method>/frames/<stem>/<index>.png``."""
+    return image_path.parent / "frames" / image_path.stem / f"{index:03d}.png"
 
 
 #: The job (class, sample) of MagCache's calibration call (:mod:`evaluation.methods.magcache_calibration`): fixed, so every
@@ -91,6 +99,7 @@ class _Maker:
         self.memory = PeakMemory(device)
         self.warmed: set[str] = set()
         self.calibration = Calibration(lambda steps: self.run_pipe([CALIBRATION_JOB], steps))
+        self.video = is_video(pipe)
 
     def run_pipe(self, batch: list[tuple[int, int]], steps: int) -> list:
         # The global RNG is seeded per batch: tomesd draws its random partition from a copy of it, so ToMe's
@@ -99,15 +108,17 @@ class _Maker:
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(image_seed(config.seed, *batch[0]))
-            return self.pipe(
+            output = self.pipe(
                 prompt=[config.class_prompt(c) for c, _ in batch],
                 num_inference_steps=steps,
-                guidance_scale=config.guidance_scale,
                 height=self.height,
                 width=self.width,
                 generator=[torch.Generator("cpu").manual_seed(image_seed(config.seed, c, k)) for c, k in batch],
+                **call_arguments(self.pipe, config.guidance_scale, config.frames),
                 **call_kwargs(config.model),
-            ).images
+                **({"output_type": "pil"} if self.video else {}),
+            )
+            return output_images(self.pipe, output)
 
     def make(self, unit: Unit, report: dict) -> None:
         with calibrating(self.calibration):
@@ -140,9 +151,17 @@ class _Maker:
             report["images"] += len(missing)
 
     def save(self, method: str, job: tuple[int, int], image) -> None:
+        """The image of ``job``; for a video, each frame (:func:`frame_path`), then the middle frame as the
+        image, last, so that a finished image means a finished video."""
         path = Path(self.config.out) / method / image_name(*job)
+        text = image_text(self.config, method, *job)
         try:
-            save_png_atomic(image, path, image_text(self.config, method, *job))
+            if self.video:
+                frame_path(path, 0).parent.mkdir(parents=True, exist_ok=True)
+                for index, frame in enumerate(image):
+                    save_png_atomic(frame, frame_path(path, index), {**text, "frame": str(index)})
+                image = middle_frame(image)
+            save_png_atomic(image, path, text)
         except OSError as error:
             if is_disk_full(error):
                 raise disk_full(self.config.out, error, self.config.methods, path) from error

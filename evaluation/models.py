@@ -2,7 +2,8 @@
 ``tiny-sd3``, a diffusion transformer); what each model needs in its calls; which methods a pipeline can run.
 
 A pipeline is either a U-Net Stable Diffusion (SD 1.x, 2.x, SDXL), on which every method runs but diffusers' step
-caches, or a diffusion transformer of a family that :mod:`tofu_sd.families` adapts (SD3 / SD3.5, PixArt, Flux), on
+caches, or a diffusion transformer of a family that :mod:`tofu_sd.families` adapts (SD3 / SD3.5, PixArt, Flux,
+Qwen-Image, FLUX.2, Sana, Wan text-to-video: its call arguments are :mod:`evaluation.pipeline_calls`), on
 which Token Fusion through ``tofu_sd.apply``, the oracle and diffusers' step caches run, and not the other
 packages' methods (:func:`check_methods`).
 """
@@ -18,6 +19,7 @@ from tofu_sd.families import supported
 
 from .errors import EvaluationError
 from .families import transformer_and_family
+from .pipeline_calls import check_text_to_image
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"  # the built-in model trained on coloured shapes (evaluation/shapes/model), offline
@@ -133,7 +135,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     else:
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, torch_dtype=dtype)
+            pipe = _load_text_to_image(diffusers, model, dtype)
         except Exception as error:
             raise EvaluationError(
                 f"could not load --model {model!r} ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
@@ -141,6 +143,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
                 f"or '{TINY}' / '{TINY_SD3}' for the built-in offline models."
             ) from error
     _check_supported(model, pipe)
+    check_text_to_image(pipe, model)
     if scheduler is not None:
         if scheduler not in SCHEDULERS:
             raise EvaluationError(f"unknown --scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
@@ -153,6 +156,17 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_text_to_image(diffusers, model: str, dtype: torch.dtype):
+    """The model's text-to-image pipeline (diffusers' AutoPipeline); for a model AutoPipeline maps to no
+    text-to-image pipeline (a text-to-video one, such as Wan's), the pipeline its ``model_index.json`` names."""
+    try:
+        return diffusers.AutoPipelineForText2Image.from_pretrained(model, torch_dtype=dtype)
+    except ValueError as error:
+        if "AutoPipeline can't find a pipeline" not in str(error):
+            raise
+    return diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
 
 
 def _missing_tiny_sd3(folder: Path) -> EvaluationError:
@@ -196,14 +210,6 @@ def _check_supported(model: str, pipe) -> None:
         f"--model {model!r} is a {type(pipe).__name__} with {has}; token reduction here supports U-Net Stable "
         f"Diffusion models (SD 1.x, 2.x, SDXL) and the model families that tofu_sd adapts: {supported()}."
     )
-
-
-def default_size(pipe) -> int:
-    """The pipeline's native image side: U-Net (or transformer) sample size times the VAE's scale factor."""
-    if getattr(pipe, "unet", None) is not None:
-        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
-    return int(sample * pipe.vae_scale_factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

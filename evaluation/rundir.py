@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,12 +37,13 @@ from .generate_config import GenerateConfig
 from .images import image_name, image_problem
 from .manifest import MANIFEST, library_versions, load_manifest, missing_manifest_message, now, run_images
 from .methods import default_letters, method_params, parse_name
-from .models import default_size
+from .pipeline_calls import default_sides, side_multiple
 from .sampling import SIZE_MULTIPLE, check_size
 
 LOCK = ".generate.lock"  # held by the (main) process generating into a run directory
 # Options that change pixels: a run directory keeps the ones it was started with.
-IMAGE_KEYS = ("model", "prompts", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler")
+IMAGE_KEYS = ("model", "prompts", "steps", "seed", "reduction", "device", "dtype", "height", "width", "guidance_scale", "scheduler",
+              "frames")
 SIZE_KEYS = ("height", "width")
 
 
@@ -220,12 +220,10 @@ class RunDir:
         """(height, width): this call's, else the run's (once it holds images), else the model's default; checked
         against the pipeline's own rule."""
         recorded = self.manifest["config"] if self.bound else {}
-        scale = int(getattr(pipe, "vae_scale_factor", 1) or 1)
-        multiple = math.lcm(SIZE_MULTIPLE, scale)
-        why = f"{type(pipe).__name__} needs multiples of {SIZE_MULTIPLE}; its VAE scale factor is {scale}"
+        multiple, why = side_multiple(pipe, SIZE_MULTIPLE)
         sides = []
-        for key in SIZE_KEYS:
-            value = getattr(self.config, key) or recorded.get(key) or default_size(pipe)
+        for key, default in zip(SIZE_KEYS, default_sides(pipe)):
+            value = getattr(self.config, key) or recorded.get(key) or default
             check_size(f"--{key}", value, multiple, why)
             sides.append(value)
         return sides[0], sides[1]

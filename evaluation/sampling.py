@@ -86,6 +86,8 @@ class SamplingOptions:
         guidance_scale: classifier-free guidance; None: the model's own (``tiny-sd3``: 5), else
             :attr:`DEFAULT_GUIDANCE`.
         scheduler: replace the model's scheduler (a name of :data:`evaluation.models.SCHEDULERS`), or None.
+        frames: frames per video of a video pipeline (Wan: ``4 k + 1``); None: the pipeline's own (Wan: 81).
+            Image pipelines refuse it (:func:`evaluation.pipeline_calls.check_frames`, once the model is loaded).
     """
 
     DEFAULT_STEPS: ClassVar[int] = 20  #: ``steps`` of a model without its own (:func:`~evaluation.models.model_defaults`)
@@ -104,6 +106,7 @@ class SamplingOptions:
     width: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
+    frames: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -121,6 +124,8 @@ class SamplingOptions:
         check_int("--per-class", self.per_class, 1, MAX_PER_CLASS)
         check_int("--steps", self.steps, 1)
         check_int("--batch-size", self.batch_size, 1)
+        if self.frames is not None:
+            check_int("--frames", self.frames, 1)
         if not is_int(self.seed) or not (
             _SEED_RANGE[0] <= image_seed(self.seed, 0, 0) and image_seed(self.seed, prompts.NUM_CLASSES, 0) <= _SEED_RANGE[1]
         ):

@@ -99,7 +99,7 @@ def test_generate_and_analyze_share_the_sampling_options_and_their_defaults(tmp_
                                    "--device", "cpu"])  # fmt: skip
         assert _sampling_options(flags) == dict(
             model="tiny", prompts="shapes", classes=[3, 5], per_class=7, steps=9, seed=4, batch_size=3, device="cpu",
-            dtype="fp32", height=56, width=48, guidance_scale=2.0, scheduler="ddim",
+            dtype="fp32", height=56, width=48, guidance_scale=2.0, scheduler="ddim", frames=None,
         )  # fmt: skip
 
 

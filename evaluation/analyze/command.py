@@ -12,6 +12,7 @@ from ..linearity import FUNCTIONS
 from ..linearity_plot import plot
 from ..manifest import library_versions
 from ..models import is_transformer_pipeline, load_pipeline, resolve_device, resolve_dtype
+from ..pipeline_calls import check_frames
 from .config import AnalyzeConfig
 from .dit import measure_dit
 from .unet import measure_unet
@@ -35,6 +36,7 @@ def analyze(config: AnalyzeConfig, pipe=None, progress: bool = True) -> dict:
     if pipe is None:
         device = resolve_device(config.device)
         pipe = load_pipeline(config.model, device, resolve_dtype(config.dtype, device), config.scheduler)
+    check_frames(pipe, config.frames)
     result = measure(pipe, config, progress)
     result["versions"] = library_versions()
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -202,12 +202,30 @@ def dit_method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: i
 
 
 
+#: The families whose blocks the probes know (their attentions, feed-forwards and rotary positions).
+ANALYZED_FAMILIES = ("SD3", "PixArt", "Flux")
+
+
+def check_analyzable(arch: Family, model: torch.nn.Module) -> None:
+    """EvaluationError, before anything is measured or written, for a family whose blocks the probes do not know
+    (Qwen-Image's img_mlp and complex rotary, FLUX.2's fused single-stream blocks, Sana's linear attention and
+    convolutional feed-forward, Wan's 3-D rotary and ffn): there, tofu_sd's default schedule is provisional."""
+    if arch.name not in ANALYZED_FAMILIES:
+        raise EvaluationError(
+            f"analyze measures functional linearity on the blocks of {', '.join(ANALYZED_FAMILIES)} transformers and "
+            f"U-Nets; its probes do not know the blocks of a {type(model).__name__} ({arch.name}), so nothing was "
+            f"measured or written. tofu_sd's default schedule there ({''.join(arch.default_schedule(arch.sites(model)))}) "
+            "is provisional, not measured; give --schedule to tofu-sd generate to compare others"
+        )
+
+
 def measure_dit(pipe, config: AnalyzeConfig, progress: bool) -> dict:
-    """:func:`~.command.measure` on a diffusion-transformer pipeline."""
+    """:func:`~.command.measure` on a diffusion-transformer pipeline of a family in :data:`ANALYZED_FAMILIES`."""
     try:
         model, arch = model_and_family(pipe)
     except ValueError as error:
         raise EvaluationError(str(error)) from error
+    check_analyzable(arch, model)
     all_sites = arch.sites(model)
     sites, blocks = dit_sites(model, arch, config)
     check_unreduced(get_state(pipe), all_sites, "transformer")

@@ -14,14 +14,16 @@ from tofu_sd import TokenFusionConfig
 
 from ..errors import EvaluationError
 from ..linearity import FUNCTIONS, propose_schedule
-from ..models import call_kwargs, default_size
+from ..models import call_kwargs
+from ..pipeline_calls import call_arguments, default_sides
 from ..sampling import image_seed
 from .config import AnalyzeConfig
 
 
 def image_size(pipe, config: AnalyzeConfig) -> tuple[int, int]:
     """(height, width): the configured ones, else the model's default."""
-    return config.height or default_size(pipe), config.width or default_size(pipe)
+    height, width = default_sides(pipe)
+    return config.height or height, config.width or width
 
 
 def train_timesteps(pipe) -> int:
@@ -56,11 +58,11 @@ def run_prompts(pipe, config: AnalyzeConfig, height: int, width: int, progress: 
                 pipe(
                     prompt=[prompts.prompt(c, config.prompts) for c, _ in batch],
                     num_inference_steps=config.steps,
-                    guidance_scale=config.guidance_scale,
                     height=height,
                     width=width,
                     generator=[torch.Generator("cpu").manual_seed(image_seed(config.seed, c, k)) for c, k in batch],
                     output_type="latent",  # the images themselves are not needed
+                    **call_arguments(pipe, config.guidance_scale, config.frames),
                     **call_kwargs(config.model),
                 )
             bar.update(len(batch))
