@@ -216,3 +216,51 @@ def test_token_fusion_goes_innermost_in_the_registry(references):
     registry = model.transformer_blocks[0].attn._diffusers_hook
     assert isinstance(registry, HookRegistry) and len(registry._fn_refs) == len(registry._hook_order) == 2
     assert registry._hook_order[0] == "tofu_sd.reduce"
+
+
+def tail_runs(model, steps=8):
+    """``steps`` calls of ``model`` (each in a cache context) on inputs fixed in advance, not drawn from its outputs:
+    per call, whether the blocks after the first ran (the last block's attention was called), and the numbers of
+    image tokens that the first two double-stream blocks' attentions projected to queries."""
+    x = flux_inputs(model)
+    ran, seen = [], {0: set(), 1: set()}
+    handles = [model.single_transformer_blocks[-1].attn.register_forward_hook(lambda *a: ran.append(True))]
+    for i in seen:
+        hook = lambda m, args, i=i: seen[i].add(args[0].shape[1])  # noqa: E731 (a closure per block)
+        handles.append(model.transformer_blocks[i].attn.to_q.register_forward_pre_hook(hook))
+    decisions = []
+    for i in range(steps):
+        before = len(ran)
+        with torch.no_grad(), model.cache_context("cond"):
+            model(**dict(x, hidden_states=x["hidden_states"] * (1 - 0.01 * i), timestep=torch.full((2,), 1 - i / steps)))
+        decisions.append(len(ran) > before)
+    for handle in handles:
+        handle.remove()
+    model._reset_stateful_cache()
+    return decisions, seen
+
+
+@pytest.mark.parametrize("tofu_first", [True, False], ids=["tofu-then-cache", "cache-then-tofu"])
+def test_first_block_cache_decides_as_alone_its_first_block_unreduced(references, tofu_first, monkeypatch):
+    """First Block Cache compares its first block's residual from step to step: Token Fusion leaves that block
+    unreduced (every other block reduced), so the cache skips at exactly the steps it skips alone; reducing it
+    too (its partition changes with the timestep) makes the cache compute at every step here."""
+    base = references[0]
+    alone = copy.deepcopy(base)
+    alone.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    expected, _ = tail_runs(alone)
+    assert True in expected and False in expected, "the cache must both skip and compute for the test to say anything"
+    model = copy.deepcopy(base)
+    if tofu_first:
+        tofu_sd.apply(model, ratio=0.5)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    if not tofu_first:
+        tofu_sd.apply(model, ratio=0.5)
+    decisions, seen = tail_runs(model)
+    assert decisions == expected
+    assert seen == {0: {24}, 1: {12}}  # the head block on all 6 x 4 tokens, the next one on half
+    monkeypatch.setattr("tofu_sd.hooks.tested_blocks", lambda blocks: frozenset())  # the head reduced too
+    assert tail_runs(model)[0] == [True] * 8
+    monkeypatch.undo()
+    model.disable_cache()
+    assert tail_runs(model)[1] == {0: {12}, 1: {12}}  # no cache: the head block is reduced again

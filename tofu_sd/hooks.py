@@ -21,6 +21,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .arguments import argument
+from .cache_tests import tested_blocks
 from .state import BlockState, CallState, GridState, grid_3d
 
 CALL_HOOK = "tofu_sd.call"
@@ -37,14 +38,16 @@ class CallHook(ModelHook):
     """Starts the model call at its timestep (``timestep(args, kwargs)``) and ends it, even one that raised.
 
     A call made with gradients on a model whose blocks are checkpointed keeps its matchings for the blocks'
-    recomputation (:class:`~tofu_sd.state.RecomputeStore`)."""
+    recomputation (:class:`~tofu_sd.state.RecomputeStore`). Of the patched ``blocks``, those a step cache tests
+    at this call (:mod:`tofu_sd.cache_tests`) are left unreduced (:attr:`CallState.untouched`)."""
 
-    def __init__(self, call: CallState, timestep: Callable) -> None:
+    def __init__(self, call: CallState, timestep: Callable, blocks: tuple[torch.nn.Module, ...] = ()) -> None:
         super().__init__()
-        self.call, self.timestep = call, timestep
+        self.call, self.timestep, self.blocks = call, timestep, blocks
 
     def pre_forward(self, module, *args, **kwargs):
         keep = torch.is_grad_enabled() and _checkpointing(module)
+        self.call.untouched = tested_blocks(self.blocks)
         self.call.start(self.timestep(args, kwargs), keep)
         return args, kwargs
 
@@ -90,7 +93,7 @@ class MatchingHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         x = argument(args, kwargs, 0, "hidden_states")
         self.state.clear()
-        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or self.index in self.call.untouched:
             return args, kwargs
         m = self.call.recompute.find(self.index, x)
         grid = self.grid.grid

@@ -36,7 +36,8 @@ def install(model: torch.nn.Module, family: Family, sites: list[Site], schedule:
     hooked is removed and the error raised."""
     try:
         call = CallState(config, len(sites))
-        TorchHooks(model, CallHook(call, family.timestep), CALL_HOOK, eager=True)
+        blocks = tuple(site.block for site in sites)
+        TorchHooks(model, CallHook(call, family.timestep, blocks), CALL_HOOK, eager=True)
         grids: dict[int, GridState] = {}
         for index, (site, letter) in enumerate(zip(sites, schedule)):
             grid = grids.get(id(site.grid_module))

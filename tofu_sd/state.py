@@ -59,6 +59,9 @@ class CallState:
         self.seed = 0 if config.seed is None else config.seed  # `apply` stores 0; a bare config may hold None
         self._thread = _PerThread(_CallData)
         self.recompute = RecomputeStore(num_blocks)
+        #: The blocks left unreduced: those a step cache on the model tests (:mod:`tofu_sd.cache_tests`), looked
+        #: up at each model call. A property of the model, not of a thread.
+        self.untouched: frozenset[int] = frozenset()
 
     @property
     def timestep(self) -> torch.Tensor | float | None:
