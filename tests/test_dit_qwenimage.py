@@ -223,8 +223,6 @@ def test_threads_see_their_own_calls():
 
 def test_unsupported_options_are_refused():
     model = tiny_qwenimage()
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for Qwen-Image transformers yet"):
-        tofu_sd.apply(model, reduce="kv")
     model.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
     with pytest.raises(ValueError, match="transformer_blocks.1.attn: .*has processor AttnProcessor2_0"):
         tofu_sd.apply(model)

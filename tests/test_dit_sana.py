@@ -122,8 +122,6 @@ def test_pag_identity_processor_is_reduced_on_its_rows():
 def test_unsupported_options_and_processors_are_refused():
     model = tiny_sana()
     inputs = sana_inputs(model)
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for Sana transformers yet: .*linear attention"):
-        tofu_sd.apply(model, reduce="kv")
     model.transformer_blocks[2].attn1.set_processor(AttnProcessor())
     full = run(model, inputs)
     with pytest.raises(ValueError, match="transformer_blocks.2.attn1: its attention processor AttnProcessor is not"):

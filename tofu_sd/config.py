@@ -91,7 +91,13 @@ class TokenFusionConfig:
             destination's), the text keys and values are untouched, and the bias goes to
             ``scaled_dot_product_attention`` (SD3, as its processor) or to diffusers' attention dispatch with the
             processor's backend (Flux: one that takes an additive mask, e.g. native; flash and sage refuse it).
-            Other processors (IP-Adapter, PAG, xformers) and fused QKV projections are refused there.
+            Qwen-Image's joint attention and Wan's self-attention ``attn1`` are run alike, as
+            ``QwenDoubleStreamAttnProcessor2_0`` / ``WanAttnProcessor`` would (Qwen-Image's text padding mask
+            kept; Wan's cross-attention untouched; each reduced key rotated with its slot's position, each query
+            with its own). Sana's linear ``attn1`` has no logits: there each reduced key's ReLU feature is
+            weighted by its group's size, the exact linear-attention equivalent (it saves less: only the key and
+            value projections and sums shrink). Other processors (IP-Adapter, PAG, xformers) and fused QKV
+            projections are refused there; FLUX.2 and Chroma refuse ``"kv"``.
         rematch_every (`int`, defaults to `1`):
             Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
             the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and

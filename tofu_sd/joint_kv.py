@@ -10,6 +10,8 @@ image tokens (its matching and schedule letter) and proportional attention's ``l
 (0 on the text keys) through an attention call that takes an additive mask: ``F.scaled_dot_product_attention``
 for SD3 (which its processor calls), diffusers' ``dispatch_attention_fn`` with the processor's backend for Flux.
 Every query (text and image) and the text keys and values are computed as the processor computes them.
+Families outside this module give their own mirror the same way (Qwen-Image, Wan, Sana: :class:`JointAttention`
+with the call's layout, ``fits``, that their mirror takes).
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ from .reducing import gather_rotary
 from .state import BlockState
 
 
+def fits_sequence_table(text, emb, m: Matching, text_len: int, extras: dict) -> bool:
+    """SD3's and Flux's calls: no rotary table, or one row per token of the call's ``[text, image]``."""
+    positions = text_len + m.num_tokens + (0 if text is None else text.shape[1])
+    return emb is None or emb[0].shape[0] == positions
+
+
 @dataclass(frozen=True)
 class JointAttention:
     """A family's joint attention under ``reduce="kv"``: the processor class whose computation ``run`` mirrors,
-    and ``run(attn, x, text, rotary_emb, m, mode, text_len)``, the attention with the image keys and values
-    reduced (``x`` the call's ``hidden_states``, its first ``text_len`` tokens text; ``text`` its
+    and ``run(attn, x, text, rotary_emb, m, mode, text_len, **extras)``, the attention with the image keys and
+    values reduced (``x`` the call's ``hidden_states``, its first ``text_len`` tokens text; ``text`` its
     ``encoder_hidden_states``), returning what the processor returns."""
 
     processor: type
@@ -41,6 +49,13 @@ class JointAttention:
     #: the processor takes the fused QKV projections when the module's ``fused_projections`` is set (Flux's);
     #: SD3's fused projections come with a processor of their own
     reads_fused_flag: bool = False
+    #: the call's argument (4th positional, or by name) that carries its rotary table
+    rotary_argument: str = "image_rotary_emb"
+    #: ``fits(text, rotary_emb, m, text_len, extras)``: whether a call's text, table and ``extras`` are laid out
+    #: as ``run`` takes them (a call that does not fit runs untouched)
+    fits: Callable = fits_sequence_table
+    #: keyword arguments of the call that ``run`` takes too (Qwen-Image's ``encoder_hidden_states_mask``)
+    extras: tuple[str, ...] = ()
 
     def fused(self, attn: torch.nn.Module) -> bool:
         """Whether ``attn``'s processor would compute with its fused QKV projections."""
@@ -70,7 +85,8 @@ class JointKeyValueHook(ModelHook):
     mask of the caller's, context parallelism, another token count or batch, a rotary table laid out otherwise.
 
     ``text_first``: the call's ``hidden_states`` is ``[text, image]`` (Flux's single-stream blocks; the text
-    length is the block's, :attr:`BlockState.text_len`). It replaces the module's forward (``new_forward``)."""
+    length is the block's, :attr:`BlockState.text_len`). It replaces the module's forward (``new_forward``);
+    the ``joint.extras`` arguments are keyword-only (diffusers' attentions take them so)."""
 
     def __init__(self, state: BlockState, letter: str, joint: JointAttention, text_first: bool = False) -> None:
         super().__init__()
@@ -91,10 +107,12 @@ class JointKeyValueHook(ModelHook):
             return False
         if x.shape[0] != m.batch or x.shape[1] != text_len + m.num_tokens:
             return False
-        emb = argument(args, kwargs, 3, "image_rotary_emb")
+        emb = argument(args, kwargs, 3, self.joint.rotary_argument)
         text = argument(args, kwargs, 1, "encoder_hidden_states")
-        positions = text_len + m.num_tokens + (0 if text is None else text.shape[1])
-        return emb is None or emb[0].shape[0] == positions
+        return self.joint.fits(text, emb, m, text_len, self._extras(kwargs))
+
+    def _extras(self, kwargs) -> dict:
+        return {name: kwargs.get(name) for name in self.joint.extras}
 
     def new_forward(self, module, *args, **kwargs):
         if not self._mirrored(module, args, kwargs):
@@ -103,10 +121,11 @@ class JointKeyValueHook(ModelHook):
             module,
             argument(args, kwargs, 0, "hidden_states"),
             argument(args, kwargs, 1, "encoder_hidden_states"),
-            argument(args, kwargs, 3, "image_rotary_emb"),
+            argument(args, kwargs, 3, self.joint.rotary_argument),
             self.state.matching,
             self.mode,
             self.state.text_len if self.text_first else 0,
+            **self._extras(kwargs),
         )
 
 
