@@ -228,7 +228,7 @@ def capturing_matchings(model):
     handles = []
     for block in tofu_sd.patched_blocks(model):
         module = model.get_submodule(block.name)
-        attn = module.attn if hasattr(module, "attn") else module.attn1
+        attn = next(getattr(module, name) for name in ("attn", "attn1", "attention") if hasattr(module, name))
         hook = attn._diffusers_hook.get_hook(REDUCE_HOOK)
         seen[block.name] = []
         fn = lambda mod, args, kwargs, name=block.name, hook=hook: seen[name].append(hook.state.matching)

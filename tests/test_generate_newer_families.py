@@ -90,12 +90,19 @@ def test_unet_only_methods_are_refused_before_anything_is_written(family, method
     assert not out.exists()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_methods_the_family_cannot_run_are_refused_before_anything_is_written(family, folders, tmp_path, capsys):
+def test_methods_the_family_cannot_run_are_refused_before_anything_is_written(folders, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(generate_args(folders[family], out, family, "full,tofu-kv")) == 2
+    assert main(generate_args(folders["Flux2"], out, "Flux2", "full,tofu-kv")) == 2  # FLUX.2 has no reduce="kv"
     assert "method tofu-kv cannot run on --model" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["QwenImage", "Sana", "Wan"])
+def test_tofu_kv_runs_where_the_family_has_reduce_kv(family, folders, tmp_path):
+    out = tmp_path / "run"
+    assert main(generate_args(folders[family], out, family, "full,tofu-kv")) == 0
+    for c in (0, 1):
+        assert not np.array_equal(pixels(out / "full" / f"{c:04d}_0.png"), pixels(out / "tofu-kv" / f"{c:04d}_0.png"))
 
 
 def test_a_step_cache_that_hooks_nothing_on_sana_is_refused(folders, tmp_path, capsys):

@@ -97,7 +97,7 @@ class TokenFusionConfig:
             with its own). Sana's linear ``attn1`` has no logits: there each reduced key's ReLU feature is
             weighted by its group's size, the exact linear-attention equivalent (it saves less: only the key and
             value projections and sums shrink). Other processors (IP-Adapter, PAG, xformers) and fused QKV
-            projections are refused there; FLUX.2 and Chroma refuse ``"kv"``.
+            projections are refused there; FLUX.2, Chroma and Z-Image refuse ``"kv"``.
         rematch_every (`int`, defaults to `1`):
             Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
             the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and
@@ -140,7 +140,7 @@ class TokenFusionConfig:
             cross-attention has no ``attn2`` to reduce. For U-Nets; diffusion transformers reduce around the
             attentions their family names (leave ``modules`` at its default there).
         blocks (`str` or `tuple[int, ...]`, *optional*):
-            Which blocks of a diffusion transformer (SD3, PixArt, Flux, FLUX.2, Chroma, Qwen-Image, Sana, Wan; see
+            Which blocks of a diffusion transformer (SD3, PixArt, Flux, FLUX.2, Chroma, Qwen-Image, Z-Image, Sana, Wan; see
             :mod:`tofu_sd.families`) are patched, by
             index in forward order (FLUX.1, FLUX.2 and Chroma: the double-stream blocks, then the single-stream ones): a tuple of
             ints, or a string of indices and inclusive ranges, e.g. ``"0-11"`` or ``"0-3,8,20-23"``. ``None``

@@ -80,15 +80,17 @@ class MatchingHook(ModelHook):
     returns. With ``text_len`` (single-stream blocks), also records the number of text tokens that the block
     puts in front of the image tokens (its ``encoder_hidden_states`` argument). With ``image_last`` (single-stream
     blocks whose model concatenated ``[text, image]`` before them: Chroma, FLUX.2), the input is that sequence:
-    the matching is taken on its last ``h * w`` tokens, and the tokens in front of them are the text."""
+    the matching is taken on its last ``h * w`` tokens, and the tokens in front of them are the text. With
+    ``image_first`` (single-stream blocks whose input is ``[image, rest]``: Z-Image), on its first ``h * w`` tokens;
+    ``text_len`` then records the number of tokens after them."""
 
     def __init__(
         self, call: CallState, grid: GridState, state: BlockState, index: int, text_len: bool = False,
-        image_last: bool = False,
+        image_last: bool = False, image_first: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.call, self.grid, self.state, self.index, self.text_len = call, grid, state, index, text_len
-        self.image_last = image_last
+        self.image_last, self.image_first = image_last, image_first
 
     def pre_forward(self, module, *args, **kwargs):
         x = argument(args, kwargs, 0, "hidden_states")
@@ -96,25 +98,26 @@ class MatchingHook(ModelHook):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or self.index in self.call.untouched:
             return args, kwargs
         m = self.call.recompute.find(self.index, x)
-        grid = self.grid.grid
+        grid, part = self.grid.grid, self.image_last or self.image_first
         if m is None and grid is not None:
             f, h, w = grid_3d(grid)
-            if f * h * w == x.shape[1] and not self.image_last:
+            if f * h * w == x.shape[1] and not part:
                 m = self.call.matching(self.index, (f, h, w), x)
-            elif f * h * w < x.shape[1] and self.image_last:
-                m = self._match_last(x, (f, h, w))
+            elif f * h * w < x.shape[1] and part:
+                m = self._match_part(x, (f, h, w))
         self.state.matching = m
-        if m is not None and self.image_last:
+        if m is not None and part:
             self.state.text_len = x.shape[1] - m.num_tokens
         elif m is not None and self.text_len:
             self.state.text_len = argument(args, kwargs, 1, "encoder_hidden_states").shape[1]
         return args, kwargs
 
-    def _match_last(self, x: torch.Tensor, grid: tuple[int, int, int]):
-        """The matching of the last ``f * h * w`` tokens of ``x``. If the call keeps it for a checkpointed
-        block's recomputation, it is kept under ``x`` too, the tensor that the recomputation gets again (the call
-        state keeps it under the image slice, which does not outlive this hook)."""
-        image = x[:, x.shape[1] - grid[0] * grid[1] * grid[2] :]
+    def _match_part(self, x: torch.Tensor, grid: tuple[int, int, int]):
+        """The matching of the last (``image_first``: first) ``f * h * w`` tokens of ``x``. If the call keeps it
+        for a checkpointed block's recomputation, it is kept under ``x`` too, the tensor that the recomputation
+        gets again (the call state keeps it under the image slice, which does not outlive this hook)."""
+        n = grid[0] * grid[1] * grid[2]
+        image = x[:, :n] if self.image_first else x[:, x.shape[1] - n :]
         m = self.call.matching(self.index, grid, image)
         if m is not None and self.call.recompute.find(self.index, image) is m:
             self.call.recompute.keep(self.index, x, m)

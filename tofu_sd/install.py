@@ -24,6 +24,7 @@ from .reducing import (
     ROTARY_HOOK,
     KeyValueHook,
     KeyValueProjection,
+    LeadingImageHook,
     ReduceRestoreHook,
     RotaryHook,
     SingleStreamHook,
@@ -45,7 +46,9 @@ def install(model: torch.nn.Module, family: Family, sites: list[Site], schedule:
                 grid = grids[id(site.grid_module)] = GridState()
                 eager = site.grid_module is model  # outside a compiled model's graph (it may read on the host)
                 TorchHooks(site.grid_module, GridHook(grid, family.grid), GRID_HOOK, eager=eager)
-            matching = MatchingHook(call, grid, BlockState(), index, site.single_stream, site.image_last)
+            matching = MatchingHook(
+                call, grid, BlockState(), index, site.single_stream, site.image_last, site.image_first
+            )
             _install_block(family, site, letter, matching, config)
     except BaseException:
         uninstall(model)
@@ -66,7 +69,9 @@ def _install_block(family: Family, site: Site, letter: str, matching: MatchingHo
             if not hasattr(module, "to_kv"):
                 module.to_kv = KeyValueProjection(module)
             continue
-        if part.kind == "single":
+        if part.kind == "single" and site.image_first:
+            hook = LeadingImageHook(state, letter, family.token_rotary)
+        elif part.kind == "single":
             hook = SingleStreamHook(state, letter)
         else:
             rotary = family.rotary_layout if family.rotary_norms else None

@@ -7,7 +7,9 @@
   token by :class:`RotaryHook`; with ``joint_mask``, a mask over ``[text, image]`` is cut to the kept tokens
   (:func:`cut_joint_mask`);
 - :class:`SingleStreamHook` does the same to the image part of a ``[text, image]`` sequence (the single-stream
-  blocks of Flux, Chroma and FLUX.2), its mask over that sequence cut alike;
+  blocks of Flux, Chroma and FLUX.2), its mask over that sequence cut alike; :class:`LeadingImageHook` to the
+  image part of an ``[image, rest]`` sequence (Z-Image's main layers), its key mask and per-element rotary table
+  cut alike;
 - :class:`KeyValueHook` keeps every token a query and passes the reduced tokens as keys and values
   (``reduce="kv"``), with proportional attention's ``log(size)`` bias as the attention mask (the joint
   attentions of SD3 and Flux, which take neither apart, have :mod:`tofu_sd.joint_kv` instead);
@@ -91,22 +93,41 @@ class RotaryLayout:
         return apply_rotary_emb(x, table, sequence_dim=1)
 
 
-def cut_joint_mask(mask: torch.Tensor, text_len: int, m: Matching) -> torch.Tensor | None:
-    """An attention mask over ``[text, image]`` (``text_len + N`` queries and keys) cut to the reduced sequence
-    ``[text, kept image tokens]``: the text rows and columns as they are, and per batch element the image rows and
-    columns of the kept slots' own positions (a merged group: its destination's), as :func:`gather_rotary` takes
-    positions. Any mask the attention takes that way is cut exactly, boolean or additive, whatever its image part.
-    ``mask``: 4-D, ``(B or 1, heads or 1, S or 1, S)``; ``None`` for a mask laid out otherwise."""
-    S, B = text_len + m.num_tokens, m.batch
-    if mask.ndim != 4 or mask.shape[0] not in (1, B) or mask.shape[-1] != S or mask.shape[-2] not in (1, S):
+def kept_positions(m: Matching, before: int, after: int) -> torch.Tensor:
+    """Per batch element, where the tokens of a reduced sequence sit in the full one, ``(B, before + N - r +
+    after)``: the full sequence is ``[before tokens, N image tokens, after tokens]``, the reduced one keeps the
+    tokens before and after as they are and, between them, the kept image slots at their own positions (a merged
+    group: its destination's), as :func:`gather_rotary` takes positions."""
+    B, device = m.batch, m.keep_rows.device
+    lead = torch.arange(before, device=device).expand(B, -1)
+    trail = torch.arange(before + m.num_tokens, before + m.num_tokens + after, device=device).expand(B, -1)
+    return torch.cat([lead, m.keep_idx + before, trail], dim=1)
+
+
+def cut_sequence_mask(mask: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor | None:
+    """An attention mask over a sequence of ``length`` tokens cut to the reduced sequence whose tokens sit at
+    ``rows`` ``(B, S')`` of it (:func:`kept_positions`): a key mask ``(B or 1, length)`` its columns; a 4-D mask
+    ``(B or 1, heads or 1, length or 1, length)`` its rows and columns. Any mask the attention takes that way is
+    cut exactly, boolean or additive. ``None`` for a mask laid out otherwise."""
+    B, rows = rows.shape[0], rows.to(mask.device)
+    if mask.ndim == 2 and mask.shape[0] in (1, B) and mask.shape[1] == length:
+        return mask.expand(B, -1).gather(1, rows)
+    if mask.ndim != 4 or mask.shape[0] not in (1, B) or mask.shape[-1] != length or mask.shape[-2] not in (1, length):
         return None
-    text = torch.arange(text_len, device=mask.device).expand(B, -1)
-    rows = torch.cat([text, m.keep_idx.to(mask.device) + text_len], dim=1)  # (B, T + N - r)
     mask = mask.expand(B, *mask.shape[1:])
     heads = mask.shape[1]
-    if mask.shape[2] == S:
-        mask = mask.gather(2, rows[:, None, :, None].expand(B, heads, -1, S))
+    if mask.shape[2] == length:
+        mask = mask.gather(2, rows[:, None, :, None].expand(B, heads, -1, length))
     return mask.gather(3, rows[:, None, None, :].expand(B, heads, mask.shape[2], -1))
+
+
+def cut_joint_mask(mask: torch.Tensor, text_len: int, m: Matching) -> torch.Tensor | None:
+    """An attention mask over ``[text, image]`` (``text_len + N`` queries and keys) cut to the reduced sequence
+    ``[text, kept image tokens]`` (:func:`cut_sequence_mask`). ``mask``: 4-D, ``(B or 1, heads or 1, S or 1,
+    S)``; ``None`` for a mask laid out otherwise."""
+    if mask.ndim != 4:
+        return None
+    return cut_sequence_mask(mask, kept_positions(m, text_len, 0), text_len + m.num_tokens)
 
 
 class ReduceRestoreHook(_LetterHook):
@@ -217,6 +238,56 @@ def _joint_rotary(table: torch.Tensor, text_len: int, m: Matching) -> torch.Tens
     """A ``[text, image]`` rotary table ``(T + N, D)`` for the reduced sequence, flat: ``(B * (T + N - r), D)``."""
     text = table[:text_len].unsqueeze(0).expand(m.batch, -1, -1)
     return torch.cat([text, gather_rotary(table[text_len:], m)], dim=1).flatten(0, 1)
+
+
+class LeadingImageHook(_LetterHook):
+    """On a single-stream block's attention whose ``hidden_states`` is ``[image, rest]``: the image tokens first,
+    then whatever the model appended per batch element (Z-Image's image padding, caption and batch padding; their
+    number is ``BlockState.text_len``). Reduces the image part, keeps the rest bit for bit, and restores the image
+    part of the output. A mask over the sequence (a key mask ``(B, S)`` or 4-D) is cut to the kept tokens
+    (:func:`cut_sequence_mask`), and so is a rotary table given per batch element and token, ``(B, S, ...)``, in
+    the attention argument ``rotary``: each kept token takes its own row (a merged group its destination's), so
+    the attention rotates the reduced sequence itself. A call laid out otherwise is left alone."""
+
+    def __init__(self, state: BlockState, letter: str, rotary: str | None = None) -> None:
+        super().__init__(state, letter)
+        self.rotary = rotary
+
+    def pre_forward(self, module, *args, **kwargs):
+        m, rest = self.state.matching, self.state.text_len
+        self.state.reduced = None
+        x = argument(args, kwargs, 0, "hidden_states")
+        if m is None or rest is None or x is None or x.shape[:2] != (m.batch, m.num_tokens + rest):
+            return args, kwargs
+        rows, values = kept_positions(m, 0, rest), {}
+        mask = argument(args, kwargs, 2, "attention_mask")
+        if mask is not None:
+            values[2] = ("attention_mask", cut_sequence_mask(mask, rows, x.shape[1]))
+            if values[2][1] is None:
+                return args, kwargs
+        table = argument(args, kwargs, 3, self.rotary) if self.rotary is not None else None
+        if table is not None:
+            if table.ndim < 3 or table.shape[:2] != x.shape[:2]:
+                return args, kwargs
+            values[3] = (self.rotary, gather_positions(table, rows))
+        image = reduce_tokens(x[:, : m.num_tokens], m, self.mode)
+        values[0] = ("hidden_states", torch.cat([image, x[:, m.num_tokens :]], dim=1))
+        self.state.reduced = m
+        return with_arguments(args, kwargs, values)
+
+    def post_forward(self, module, output):
+        m, self.state.reduced = self.state.reduced, None
+        if m is None:
+            return output
+        kept = m.num_tokens - m.r
+        return torch.cat([restore_tokens(output[:, :kept], m), output[:, kept:]], dim=1)
+
+
+def gather_positions(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` ``(B, S')`` of each batch element of a per-token table ``(B, S, ...)``: ``(B, S', ...)``."""
+    B, S = table.shape[:2]
+    flat = (rows.to(table.device) + torch.arange(B, device=table.device).unsqueeze(1) * S).reshape(-1)
+    return table.reshape(B * S, *table.shape[2:]).index_select(0, flat).view(B, rows.shape[1], *table.shape[2:])
 
 
 class RotaryHook(ModelHook):

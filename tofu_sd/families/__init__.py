@@ -1,8 +1,8 @@
 """Model families, one adapter each (:class:`Family`), registered per model class (:func:`register_family`).
 
 Built in: the U-Nets (:mod:`.unet`), SD3 / SD3.5 (:mod:`.sd3`), PixArt (:mod:`.pixart`), FLUX.1 (:mod:`.flux`),
-FLUX.2 (:mod:`.flux2`), Chroma (:mod:`.chroma`), Qwen-Image (:mod:`.qwenimage`), Sana (:mod:`.sana`) and Wan
-2.1 / 2.2 video (:mod:`.wan`).
+FLUX.2 (:mod:`.flux2`), Chroma (:mod:`.chroma`), Qwen-Image (:mod:`.qwenimage`), Sana (:mod:`.sana`), Z-Image
+(:mod:`.zimage`) and Wan 2.1 / 2.2 video (:mod:`.wan`).
 """
 
 import importlib
@@ -35,6 +35,7 @@ NEWER_FAMILIES = (
     ("diffusers.models.transformers.transformer_wan", "WanTransformer3DModel", ".wan", "WanFamily"),
     ("diffusers.models.transformers.sana_transformer", "SanaTransformer2DModel", ".sana", "SanaFamily"),
     ("diffusers.models.transformers.transformer_chroma", "ChromaTransformer2DModel", ".chroma", "ChromaFamily"),
+    ("diffusers.models.transformers.transformer_z_image", "ZImageTransformer2DModel", ".zimage", "ZImageFamily"),
 )
 for _where, _name, _adapter, _family in NEWER_FAMILIES:
     try:

@@ -35,8 +35,9 @@ class Part:
 
     ``kind``: ``"tokens"`` (on the reduced tokens of its ``hidden_states``, output restored), ``"kv"`` (every
     token a query, the reduced tokens as keys and values) or ``"single"`` (the image part of a ``[text, image]``
-    sequence reduced and restored). ``chunks``: it may be called on batch chunks (a U-Net's feed-forward);
-    ``key_mask``: a mask over its keys alone is kept (a cross-attention's); ``joint_mask``: a ``"tokens"``
+    sequence, or of an ``[image, rest]`` one at an ``image_first`` site, reduced and restored). ``chunks``: it
+    may be called on batch chunks (a U-Net's feed-forward); ``key_mask``: a mask over its keys alone is kept (a
+    cross-attention's); ``joint_mask``: a ``"tokens"``
     attention's mask over the ``[text, image]`` sequence it concatenates, text first, is cut to the kept tokens
     (Chroma's; a ``"single"`` part always cuts a mask over its sequence)."""
 
@@ -63,6 +64,9 @@ class Site:
     #: with ``single_stream``: the block's ``hidden_states`` already is ``[text, image]`` (the model concatenated
     #: them, as Chroma and FLUX.2 do): the image tokens are its last ``h * w`` tokens, the text those in front
     image_last: bool = False
+    #: with ``single_stream``: the block's ``hidden_states`` is ``[image, rest]``, the image tokens its first
+    #: ``h * w`` tokens and the rest (padding, text) after them, kept bit for bit (Z-Image's main layers)
+    image_first: bool = False
 
 
 class Family:
@@ -82,6 +86,10 @@ class Family:
     rotary_norms: tuple[tuple[str, bool], ...] = ()
     #: How its attentions carry their rotary table and apply it (with ``rotary_norms``): Flux's by default.
     rotary_layout: RotaryLayout = RotaryLayout()
+    #: The attention argument that carries a rotary table per batch element and token, ``(B, S, ...)`` over the
+    #: attention's ``hidden_states``, which the attention applies itself (Z-Image's ``freqs_cis``): an
+    #: ``image_first`` site's hook gathers its rows with the kept tokens. ``None``: no such table.
+    token_rotary: str | None = None
     #: Why ``reduce="kv"`` is refused, or ``None`` if the family supports it.
     key_value_refusal: str | None = "its attention does not take keys and values apart from its queries"
     #: For ``reduce="kv"``: its joint attention, run by :class:`~tofu_sd.joint_kv.JointKeyValueHook` with the
