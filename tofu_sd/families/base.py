@@ -90,6 +90,10 @@ class Family:
     #: attention's ``hidden_states``, which the attention applies itself (Z-Image's ``freqs_cis``): an
     #: ``image_first`` site's hook gathers its rows with the kept tokens. ``None``: no such table.
     token_rotary: str | None = None
+    #: The attention processors its hooks work with (exactly these classes; empty: any), and why, for the message
+    #: of :meth:`check_attention`.
+    processors: tuple[type, ...] = ()
+    processor_reason: str = ""
     #: Why ``reduce="kv"`` is refused, or ``None`` if the family supports it.
     key_value_refusal: str | None = "its attention does not take keys and values apart from its queries"
     #: For ``reduce="kv"``: its joint attention, run by :class:`~tofu_sd.joint_kv.JointKeyValueHook` with the
@@ -167,7 +171,15 @@ class Family:
                         self.joint_attention.check(f"{site.name}.{part.name}", attn)
 
     def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        """Raise ``ValueError`` if the attention ``name`` has a processor the family's hooks do not work with."""
+        """Raise ``ValueError`` if the attention ``name`` has a processor the family's hooks do not work with
+        (one not in :attr:`processors`)."""
+        processor = getattr(attn, "processor", None)
+        if self.processors and type(processor) not in self.processors:
+            expected = " or ".join(p.__name__ for p in self.processors)
+            raise ValueError(
+                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
+                f"{expected}, {self.processor_reason}."
+            )
 
     def frames_per_cell(self, config: TokenFusionConfig) -> int | None:
         """``config.st`` as the family takes it: a video family's default for ``None``; an image family keeps

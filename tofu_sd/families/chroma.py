@@ -38,6 +38,11 @@ from .flux import grid_from_ids
 
 class ChromaFamily(Family):
     name = "Chroma"
+    processors = (FluxAttnProcessor,)
+    processor_reason = (
+        "the one that rotates queries and keys right after their norms, where Token Fusion rotates each kept "
+        "token (IP-Adapter processors are not supported)"
+    )
     tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 2
     timestep_scale = 1000.0
@@ -77,12 +82,3 @@ class ChromaFamily(Family):
         if site.single_stream:
             return super().parts(site, config)
         return [Part(name, "tokens", joint_mask=True) for name in site.attentions]
-
-    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        processor = getattr(attn, "processor", None)
-        if type(processor) is not FluxAttnProcessor:
-            raise ValueError(
-                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
-                "FluxAttnProcessor, the one that rotates queries and keys right after their norms, where Token "
-                "Fusion rotates each kept token (IP-Adapter processors are not supported)."
-            )

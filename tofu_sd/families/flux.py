@@ -52,6 +52,11 @@ def grid_from_ids(ids: torch.Tensor) -> tuple[int, int] | None:
 
 class FluxFamily(Family):
     name = "Flux"
+    processors = (FluxAttnProcessor,)
+    processor_reason = (
+        "the one whose rotary embedding it knows how to apply per token (IP-Adapter processors are not "
+        "supported)"
+    )
     timestep_index = 3
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
@@ -85,15 +90,6 @@ class FluxFamily(Family):
                 "reference image, say) are not supported; tofu_sd.remove(pipe) to run them."
             )
         return grid
-
-    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        processor = getattr(attn, "processor", None)
-        if type(processor) is not FluxAttnProcessor:
-            raise ValueError(
-                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
-                "FluxAttnProcessor, the one whose rotary embedding it knows how to apply per token (IP-Adapter "
-                "processors are not supported)."
-            )
 
     def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
         """Each block's ``attn``: with ``reduce="kv"`` a key-value part in single-stream blocks too (its

@@ -88,6 +88,8 @@ def sana_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0
 
 class SanaFamily(Family):
     name = "Sana"
+    processors = PROCESSORS
+    processor_reason = "the ones it knows to run on reduced tokens"
     tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 2
     key_value_refusal = None
@@ -102,11 +104,3 @@ class SanaFamily(Family):
 
     def grid(self, module, args, kwargs):
         return latent_grid(module, args, kwargs)
-
-    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        processor = getattr(attn, "processor", None)
-        if type(processor) not in PROCESSORS:
-            raise ValueError(
-                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not one it "
-                f"knows to run on reduced tokens ({', '.join(p.__name__ for p in PROCESSORS)})."
-            )

@@ -106,6 +106,8 @@ def wan_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0)
 
 class WanFamily(Family):
     name = "Wan"
+    processors = (WanAttnProcessor,)
+    processor_reason = "the one whose rotary embedding it knows how to apply per kept token"
     tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 1
     default_st = 2
@@ -136,11 +138,3 @@ class WanFamily(Family):
         if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
             return timestep.amax(dim=1)
         return timestep
-
-    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        processor = getattr(attn, "processor", None)
-        if type(processor) is not WanAttnProcessor:
-            raise ValueError(
-                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
-                "WanAttnProcessor, the one whose rotary embedding it knows how to apply per kept token."
-            )

@@ -39,6 +39,11 @@ OMNI_REFUSAL = (
 
 class ZImageFamily(Family):
     name = "Z-Image"
+    processors = (ZSingleStreamAttnProcessor,)
+    processor_reason = (
+        "the one that takes the rotary table per token as `freqs_cis` and the key mask that Token Fusion cut "
+        "to the kept tokens"
+    )
     tested_diffusers = "0.42.1"  # the release its adapter was written and tested on
     timestep_index = 1
     timestep_scale = 1000.0  # the model embeds `t * t_scale` (1000 by default)
@@ -76,12 +81,3 @@ class ZImageFamily(Family):
                 f"{sorted(shapes)} with f_patch_size={pf}. Call it per size, or tofu_sd.remove(pipe) to run it."
             )
         return height // p, width // p
-
-    def check_attention(self, name: str, attn: torch.nn.Module) -> None:
-        processor = getattr(attn, "processor", None)
-        if type(processor) is not ZSingleStreamAttnProcessor:
-            raise ValueError(
-                f"Token Fusion cannot patch {name}: its attention processor {type(processor).__name__} is not "
-                "ZSingleStreamAttnProcessor, the one that takes the rotary table per token as `freqs_cis` and the "
-                "key mask that Token Fusion cut to the kept tokens."
-            )
