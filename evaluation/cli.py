@@ -163,7 +163,7 @@ def _add_bench(sub) -> None:
         "blocks: 48 GB of fp32 weights, for a GPU with --dtype bf16); flux-dev-slice: 1 double- and 1 "
         "single-stream block, each kind once; qwen-image / qwen-image-slice (QwenImageTransformer2DModel, 60 "
         "blocks / 2 of them; its usual size 1328); wan-slice (WanTransformer3DModel: 2 of Wan 2.1 / 2.2 14B's 40 "
-        "blocks, 81 frames at 480x832: for a GPU); "
+        "blocks, 81 frames at 480x832: for a GPU); wan-slice-17f: the same on a 17-frame video, for a CPU; "
         "tiny-sd3-random, tiny-flux-random: test-sized transformers for a smoke run. See evaluation/dit_archs.py",
     )  # fmt: skip
     bench.add_argument("--sizes", default="512,1024", help="image sizes in pixels (latents are 1/8; Flux and SD3: multiples of 16)")

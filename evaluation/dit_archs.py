@@ -32,7 +32,8 @@ transformer.
   latent frames of an 81-frame video (the VAE's stride is 4 in time, 8 in space), 512 text tokens, batch 1
   (WanPipeline runs its conditional and unconditional calls apart). 480p is 480 x 832 px: a 60 x 104 latent,
   21 x 30 x 52 = 32760 tokens (``step_inputs(model, 1, 60, 104, ...)``; the bench's sizes are square). The
-  whole model is not listed: its fp32 weights alone take 57 GB.
+  whole model is not listed: its fp32 weights alone take 57 GB. ``wan-slice-17f``: the same blocks on a 17-frame
+  video (:data:`WAN_SHORT_FRAMES`, 5 latent frames, about a quarter of the tokens), which a CPU can time.
 - ``tiny-sd3-random``, ``tiny-flux-random``: test-sized transformers of each family (shaped like the tests' in
   ``tests/test_dit_common.py``), for a smoke run in seconds.
 
@@ -122,6 +123,7 @@ FLUX_TEXT_TOKENS = 512  #: T5's tokens (FluxPipeline's max_sequence_length; FLUX
 QWEN_TEXT_TOKENS = 512
 WAN_TEXT_TOKENS = 512  #: UMT5's tokens, padded to WanPipeline's max_sequence_length
 WAN_LATENT_FRAMES = 21  #: an 81-frame video (WanPipeline's default num_frames) in the VAE's time stride 4: 1 + 80 / 4
+WAN_SHORT_FRAMES = 5  #: a 17-frame video (1 + 16 / 4): ``wan-slice-17f``, a fraction of the real length a CPU can time
 FLUX_GUIDANCE = 3.5  #: FluxPipeline's default guidance_scale, which FLUX.1-dev takes as an input (distilled)
 
 # ---------------------------------------------------------------- tiny, random weights (tests, smoke runs)
@@ -147,6 +149,8 @@ class DiTArch:
     #: 2 for SD3 (classifier-free guidance: one conditional and one unconditional row), 1 for Flux-dev and Qwen-Image
     batch: int
     text_tokens: int
+    #: a video model's latent frames per step (None: :func:`step_inputs`' default, Wan's 81-frame video)
+    frames: int | None = None
 
     def build(self, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The model with the random weights of ``seed``, made directly on ``device`` (``"meta"``: no memory at
@@ -176,6 +180,7 @@ DIT_ARCHS = {
     "qwen-image": DiTArch(QwenImageTransformer2DModel, QWEN_IMAGE, 1, QWEN_TEXT_TOKENS),
     "qwen-image-slice": DiTArch(QwenImageTransformer2DModel, {**QWEN_IMAGE, **QWEN_SLICE_LAYERS}, 1, QWEN_TEXT_TOKENS),
     "wan-slice": DiTArch(WanTransformer3DModel, {**WAN_14B, **WAN_SLICE_LAYERS}, 1, WAN_TEXT_TOKENS),
+    "wan-slice-17f": DiTArch(WanTransformer3DModel, {**WAN_14B, **WAN_SLICE_LAYERS}, 1, WAN_TEXT_TOKENS, WAN_SHORT_FRAMES),
     "tiny-sd3-random": DiTArch(SD3Transformer2DModel, _TINY_SD3, 2, TINY_TEXT_TOKENS),
     "tiny-flux-random": DiTArch(FluxTransformer2DModel, _TINY_FLUX, 1, TINY_TEXT_TOKENS),
 }

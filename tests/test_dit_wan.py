@@ -416,3 +416,13 @@ def test_wan_slice_is_wan_14b_with_2_of_its_40_blocks_at_480p_and_81_frames():
     assert out.shape == inputs["hidden_states"].shape
     assert [args[0].shape[1] for i in range(2) for args, _ in seen[i]] == [n - n // 2] * 2
     tofu_sd.remove(model)
+
+
+def test_wan_slice_17f_times_the_same_blocks_on_5_latent_frames():
+    from evaluation.bench.archs import inputs_of
+
+    short, real = DIT_ARCHS["wan-slice-17f"], DIT_ARCHS["wan-slice"]
+    assert short.config == real.config and (short.batch, short.text_tokens, short.frames) == (1, WAN_TEXT_TOKENS, 5)
+    model = short.build(device="meta")
+    assert inputs_of("wan-slice-17f", model, 1, 60, "meta", torch.float32)["hidden_states"].shape == (1, 16, 5, 60, 60)
+    assert inputs_of("wan-slice", model, 1, 60, "meta", torch.float32)["hidden_states"].shape[2] == WAN_LATENT_FRAMES

@@ -61,7 +61,9 @@ def inputs_of(arch: str, model, batch: int, latent: int, device, dtype) -> dict:
     """One step's inputs on a ``latent x latent`` latent: CLIP's 77 text tokens for the U-Nets, the pipeline's for
     the transformers (:mod:`evaluation.dit_archs`)."""
     if is_transformer(arch):
-        return dit_step_inputs(model, batch, latent, text_tokens=DIT_ARCHS[arch].text_tokens, device=device, dtype=dtype)
+        spec = DIT_ARCHS[arch]
+        frames = {} if spec.frames is None else {"frames": spec.frames}
+        return dit_step_inputs(model, batch, latent, text_tokens=spec.text_tokens, device=device, dtype=dtype, **frames)
     return step_inputs(model, batch, latent, text_tokens=CLIP_TOKENS, device=device, dtype=dtype)
 
 
