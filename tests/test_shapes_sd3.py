@@ -147,6 +147,18 @@ def test_init_from_an_exported_model_starts_from_its_weights_and_draws_other_bat
         assert not torch.equal(trainer.loss(0), fresh.loss(0))
         assert torch.equal(trainer.loss(0), trainer.loss(0))  # drawn from the step: the same on a resume
 
+
+def test_a_continued_run_exports_a_card_with_both_stages(tmp_path, finished_run):
+    export_model(finished_run[1], tmp_path / "first")
+    first = json.loads((tmp_path / "first" / "training.json").read_text())
+    work = tmp_path / "more"
+    Trainer(tiny_config(work, init_from=str(tmp_path / "first")), echo=quiet).run()
+    info = export_model(work, tmp_path / "first")  # over the model it started from, as the shipped one is
+    assert info["continues"] == first and info["step"] == 4
+    card = (tmp_path / "first" / "README.md").read_text()
+    assert "Run, in two stages. First a run from scratch: 4 steps x 4" in card
+    assert "In all 8 steps, 32 samples (4.0 epochs)" in card  # 8 pictures in the tiny data set
+
 shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(), reason="the model is not exported yet")
 
 

@@ -74,9 +74,7 @@ python -m evaluation.shapes_sd3.export --work-dir /work/ckpt/tiny-sd3 --out eval
   warm-up {warmup} steps, then cosine decay to 10% over the run's **wall-time budget** of {minutes:g} minutes
   (`--minutes`; the machine is shared with other jobs, so the step rate is not known in advance; `--minutes 0`
   trains exactly `--steps`), gradients clipped to norm 1; EMA (decay {ema}, with warm-up) shipped.
-- Run: {steps:,} steps x {batch} = {samples:,} samples ({epochs:.1f} epochs), {train_min:.0f} minutes of training
-  ({step_s:.2f} s a step on average), plus {latents_s:.0f} s encoding the pictures; final loss (mean of the last
-  100 steps) {final_loss:.4f}. {machine}
+- {run_line}
 
 ![loss curve](loss.png)
 
@@ -93,7 +91,41 @@ MACHINE = (
 )
 
 
-def render(info: dict, size_bytes: int) -> str:
+RUN = (
+    "Run: {steps:,} steps x {batch} = {samples:,} samples ({epochs:.1f} epochs), {train_min:.0f} minutes of training "
+    "({step_s:.2f} s a step on average), plus {latents_s:.0f} s encoding the pictures; final loss (mean of the last "
+    "100 steps) {final_loss:.4f}. {machine}"
+)
+CONTINUED = (
+    "Run, in two stages. First a run from scratch: {first_steps:,} steps x {first_batch} ({first_min:.0f} minutes, "
+    "learning rate {first_lr:g} decayed over {first_budget:g} minutes, 1 thread at nice 10 beside other jobs), final "
+    "loss {first_loss:.4f}, prompt accuracy {first_acc}. Then this run, from that model's exported EMA weights "
+    "(`python -m evaluation.shapes_sd3.train --work-dir W --init-from <that model> --minutes {budget:g}`; a new "
+    "optimizer and EMA, other batches than the first run's): " + RUN[5:] + " In all "
+    "{total_steps:,} steps, {total_samples:,} samples ({total_epochs:.1f} epochs), {total_min:.0f} minutes."
+)
+
+
+def _run_line(info: dict, values: dict) -> str:
+    """The card's line on the run: one stage, or a continued model's two."""
+    first = info.get("continues")
+    if not first:
+        return RUN.format(**values)
+    c = first["config"]
+    q = first.get("quality", {}).get("prompt_accuracy")
+    steps = first["step"] + info["step"]
+    return CONTINUED.format(
+        **values, first_steps=first["step"], first_batch=c["batch"], first_min=first["seconds"]["transformer"] / 60,
+        first_lr=c["lr"], first_budget=c["minutes"], first_loss=first["final_loss_mean_last_100"],
+        first_acc="not measured" if q is None else f"{q:.1%}", total_steps=steps,
+        total_samples=first["step"] * c["batch"] + values["samples"],
+        total_epochs=(first["step"] * c["batch"] + values["samples"]) / info["config"]["images"],
+        total_min=(first["seconds"]["transformer"] + info["seconds"]["transformer"]) / 60,
+        budget=info["config"]["minutes"],
+    )  # fmt: skip
+
+
+def render(info: dict, size_bytes: int, machine: str = MACHINE) -> str:
     import diffusers
 
     c = info["config"]
@@ -112,16 +144,18 @@ def render(info: dict, size_bytes: int) -> str:
         )
     else:
         quality = "- Not measured at export (`--quality` measures prompt accuracy with the shape classifier)."
+    run = dict(
+        steps=steps, batch=c["batch"], samples=steps * c["batch"], epochs=steps * c["batch"] / c["images"],
+        train_min=seconds["transformer"] / 60, step_s=seconds["transformer"] / max(1, steps),
+        latents_s=seconds.get("latents", 0.0), final_loss=info["final_loss_mean_last_100"] or float("nan"),
+        machine=machine.format(torch=info["torch"], diffusers=diffusers.__version__),
+    )  # fmt: skip
     return CARD.format(
-        size_mb=size_bytes / 1e6, layers=t["num_layers"], width=t["num_attention_heads"] * t["attention_head_dim"],
+        run_line=_run_line(info, run), size_mb=size_bytes / 1e6, layers=t["num_layers"], width=t["num_attention_heads"] * t["attention_head_dim"],
         heads=t["num_attention_heads"], head_dim=t["attention_head_dim"],
         dual=", ".join(map(str, t["dual_attention_layers"])) or "none", joint=t["joint_attention_dim"],
         pooled=t["pooled_projection_dim"], p_transformer=p["transformer"], p_te1=p["text_encoder"],
         p_te2=p["text_encoder_2"], p_vae=p["vae"], scaling=info["vae"]["scaling_factor"],
         shift=info["scheduler"]["shift"], images=c["images"], per_class=c["images"] // 48, dropout=c["caption_dropout"], lr=c["lr"],
-        batch=c["batch"], warmup=c["warmup"], minutes=c["minutes"], ema=c["ema_decay"], steps=steps,
-        samples=steps * c["batch"], epochs=steps * c["batch"] / c["images"], train_min=seconds["transformer"] / 60,
-        step_s=seconds["transformer"] / max(1, steps), latents_s=seconds.get("latents", 0.0),
-        final_loss=info["final_loss_mean_last_100"] or float("nan"),
-        machine=MACHINE.format(torch=info["torch"], diffusers=diffusers.__version__), quality=quality,
+        batch=c["batch"], warmup=c["warmup"], minutes=c["minutes"], ema=c["ema_decay"], quality=quality,
     )  # fmt: skip

@@ -101,7 +101,16 @@ def summary(trainer, ckpt: dict) -> dict:
         "vae": {"scaling_factor": trainer.vae.config.scaling_factor, "shift_factor": trainer.vae.config.shift_factor},
         "torch": torch.__version__,
         "threads": trainer.config.threads or None,
+        **_continued(trainer),
     }
+
+
+def _continued(trainer) -> dict:
+    """``{"continues": <the training.json of the model this run started from>}`` for an ``init_from`` run."""
+    from .train import INIT_RECORD
+
+    record = trainer.work / INIT_RECORD
+    return {"continues": json.loads(record.read_text())} if trainer.config.init_from and record.is_file() else {}
 
 
 def measure_quality(folder: Path, per_class: int = 2, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
@@ -138,10 +147,11 @@ def store_compactly(folder: Path, final: Path) -> None:
         link_weights(folder / "vae", SHAPES_DIR / "vae", Path(final) / "vae")
 
 
-def export_model(work: Path, out: Path, quality: bool = False, per_class: int = 2) -> dict:
+def export_model(work: Path, out: Path, quality: bool = False, per_class: int = 2, machine: str | None = None) -> dict:
     """Write the checkpoint in ``work`` to ``out`` (replacing it): the pipeline, ``training.json``, ``loss.png``
     and the model card ``README.md`` (:mod:`.card`); with ``quality``, also the prompt accuracy (in both) and a
-    grid of samples, ``samples.png``. Returns the summary written as ``training.json``."""
+    grid of samples, ``samples.png``; ``machine``: the card's words on where and how it was trained (default
+    :data:`.card.MACHINE`). Returns the summary written as ``training.json``."""
     from .card import render
 
     trainer, ckpt = load_trained(work)
@@ -155,7 +165,7 @@ def export_model(work: Path, out: Path, quality: bool = False, per_class: int = 
         if quality:
             info["quality"] = measure_quality(tmp, per_class=per_class, grid=tmp / "samples.png")
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        card = render(info, folder_bytes(tmp))
+        card = render(info, folder_bytes(tmp), **({} if machine is None else {"machine": machine}))
         if quality:
             card = card.replace("\n## Quality\n\n", "\n## Quality\n\n![samples: one per prompt, a row per two colours](samples.png)\n\n")
         (tmp / "README.md").write_text(card)
@@ -174,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="measure prompt accuracy (minutes) for the card")
     parser.add_argument("--per-class", type=int, default=2, help="--quality: images per prompt")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--machine", default=None, help="the card's words on the machine and load of the training "
+                        "({torch} and {diffusers} are filled in)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = export_model(Path(args.work_dir).expanduser(), Path(args.out), quality=args.quality, per_class=args.per_class)
+    info = export_model(Path(args.work_dir).expanduser(), Path(args.out), quality=args.quality, per_class=args.per_class,
+                        machine=args.machine)  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
 

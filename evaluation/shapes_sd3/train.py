@@ -40,6 +40,7 @@ from . import components as C
 from .loop import step_generators, train_loop
 
 #: Numbers of zero "T5" tokens a training step appends, and how often: mostly few, sometimes the default 256.
+INIT_RECORD = "init_training.json"  #: the ``training.json`` of the model an ``init_from`` run continues
 ZERO_TOKENS_FEW = (0, 1, 2, 4, 8, 16)
 ZERO_TOKENS_MANY = (32, 64, 128, 256)
 P_MANY = 0.1
@@ -92,10 +93,15 @@ class Trainer:
             self.load_exported(Path(config.init_from).expanduser())
 
     def load_exported(self, folder: Path) -> None:
-        """Start from an exported model's weights (a checkpoint in the work dir, if any, still overrides them)."""
+        """Start from an exported model's weights (a checkpoint in the work dir, if any, still overrides them), and
+        keep that model's ``training.json`` as ``init_training.json`` for the card (the folder may be overwritten
+        by this run's export)."""
         from diffusers import SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection
 
+        record = self.work / INIT_RECORD
+        if not record.exists() and (folder / "training.json").is_file():
+            write_text_atomic(record, (folder / "training.json").read_text())
         self.transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(folder / "transformer").float().state_dict())
         for module, sub in ((self.te1, "text_encoder"), (self.te2, "text_encoder_2")):
             module.load_state_dict(CLIPTextModelWithProjection.from_pretrained(folder / sub).float().state_dict())
