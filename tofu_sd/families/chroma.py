@@ -47,7 +47,10 @@ class ChromaFamily(Family):
     timestep_index = 2
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
-    key_value_refusal = "its attention takes the image queries, keys and values from one input under one mask"
+    key_value_refusal = (
+        "its attention computes queries, keys and values in one call under the prompt's mask, so Token Fusion "
+        "would have to run it itself with the mask cut to the reduced keys, as it runs FLUX.1's (not written yet)"
+    )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         double = [

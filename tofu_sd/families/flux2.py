@@ -48,7 +48,8 @@ class Flux2Family(Family):
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
     key_value_refusal = (
-        "its attention takes the image queries, keys and values from one input and rotates them with one table"
+        "its attention computes queries, keys and values in one call and rotates them with one table, so Token "
+        "Fusion would have to run it itself, as it runs FLUX.1's (not written yet for FLUX.2's processors)"
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:

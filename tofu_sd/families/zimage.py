@@ -48,7 +48,10 @@ class ZImageFamily(Family):
     timestep_index = 1
     timestep_scale = 1000.0  # the model embeds `t * t_scale` (1000 by default)
     token_rotary = "freqs_cis"
-    key_value_refusal = "its attention computes queries, keys and values from one unified sequence"
+    key_value_refusal = (
+        "its attention computes queries, keys and values from one padded [image, caption] sequence, so Token "
+        "Fusion would have to run it itself with the reduced image keys (not written yet)"
+    )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         return [
