@@ -131,7 +131,8 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=16, help="images per metric batch (16)")
     ev.add_argument("--grid-columns", type=int, default=8, help="seeds shown in grid.png (8)")
     ev.add_argument("--compare", default=None, metavar="A:B,...", help="also compare these pairs of methods in the paired test, e.g. of equal cost at different ratios: tofu-kv@0.75:tome@0.5 (methods are always compared within a ratio)")
-    ev.add_argument("--cost", default=None, metavar="BENCH.json[,BENCH2.json]", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it. Several benches (comma-separated, e.g. one at 512 px and one at 1024 px) give their sizes side by side; they must have timed the same arch, batch and options")
+    ev.add_argument("--cost", default=None, metavar="BENCH.json[,BENCH2.json]", help="plot against the step time that `tofu-sd bench --json` measured for the run's method names, relative to full, one panel row per size (default: the run's seconds per image); every method must be in it. Several benches (comma-separated, e.g. one at 512 px and one at 1024 px) give their sizes side by side; they must have timed the same arch, batch and options. On a diffusion transformer's run give benches of DiT slices (bench --arch sd3-medium-slice, flux-dev-slice): x is then the transformer compute per image relative to full, from the blocks and attentions each method ran (manifest.json) times the bench's step ratio of its Token Fusion part (the variant inside a cache stack), one panel row per bench and size")
+    ev.add_argument("--attention-share", type=float, default=None, metavar="A", help="with a diffusion transformer's --cost: the attention's share of a block's time, which weighs the attentions a cache skips inside the blocks it runs (PAB, FasterCache). Default 0.55, the attention module's share of an SD3-medium block's multiply-adds at 1024 px (FLUX.1-dev's: 0.47)")
 
 
 def _add_analyze(sub) -> None:
@@ -256,7 +257,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluateOptions, evaluate
     from .report import markdown, write_report
 
-    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost, compare=args.compare, methods=args.methods)
+    options = EvaluateOptions(args.reference, args.fid_weights, args.lpips_weights, args.device, args.batch_size, cost=args.cost, compare=args.compare, methods=args.methods, attention_share=args.attention_share)
     report = evaluate(args.run, options)
     paths = write_report(args.run, report, args.grid_columns)
     print(markdown({k: v for k, v in report.items() if k != "names"}))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .block_cost import dit_cost, is_transformer_bench
 from .errors import EvaluationError, MetricUnavailable
 from .manifest import load_manifest
 from .methods.names import method_of
@@ -38,6 +39,9 @@ class EvaluateOptions:
     device: str = "auto"
     batch_size: int = 16
     cost: str | None = None  #: a ``tofu-sd bench --json`` file: the Pareto plot's x is its step time vs full
+    #: ``--attention-share``: the attention's share of a block's time, for a diffusion transformer's bench cost
+    #: (None: :data:`evaluation.block_cost.DEFAULT_ATTENTION_SHARE`)
+    attention_share: float | None = None
     compare: str | None = None  #: extra paired comparisons, ``"a:b,c:d"`` (any two methods, e.g. of equal cost)
     methods: str | list[str] | None = None  #: ``--methods``: the methods to evaluate (the reference always); None: all
 
@@ -115,6 +119,22 @@ def _step_options(manifest: dict, methods: list[str]) -> dict[str, dict]:
         out[m] = {key: reduction.get(key, STEP_DEFAULTS[key]) for key in entry.step_options}
         out[m].update({key: params.get(key) for key in entry.takes})
     return out
+
+
+def _cost(options: EvaluateOptions, manifest: dict, methods: list[str]) -> dict | None:
+    """The Pareto plot's cost from ``--cost``: a U-Net bench's step times (:func:`~evaluation.pareto.bench_cost`),
+    or the blocks each method ran with a diffusion transformer's bench (:func:`~evaluation.block_cost.dit_cost`);
+    None without ``--cost``. Checked before any metric is computed."""
+    if not options.cost:
+        if options.attention_share is not None:
+            raise EvaluationError("--attention-share weighs the attentions a cache skips on a diffusion transformer's --cost; give --cost too")
+        return None
+    ratios, steps = _run_ratios(manifest, methods), _step_options(manifest, methods)
+    if is_transformer_bench(options.cost):
+        return dit_cost(options.cost, manifest["methods"], methods, ratios, steps, options.attention_share)
+    if options.attention_share is not None:
+        raise EvaluationError(f"--attention-share applies to a diffusion transformer's bench; --cost {options.cost} timed a U-Net")
+    return bench_cost(options.cost, methods, ratios, steps)
 
 
 def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, int, dict]:
@@ -251,7 +271,7 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     chosen = select(run_dir, options.reference, options.methods)
     methods = chosen.methods
     manifest = load_manifest(run_dir)
-    cost = bench_cost(options.cost, methods, _run_ratios(manifest, methods), _step_options(manifest, methods)) if options.cost else None
+    cost = _cost(options, manifest, methods)
     extra = _extra_pairs(options, chosen)  # checked before any metric is computed
     device = resolve_device(options.device)
     ref_names = chosen.pairs[options.reference]

@@ -107,7 +107,7 @@ def _same_ratio(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and abs(a - b) < 1e-9
 
 
-def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -> list[str]:
+def missing_timings(bench: dict, methods: list[str], ratios: dict[str, float | None]) -> list[str]:
     """A line per run method the bench cannot stand for: not timed at some size, or timed at another ratio."""
     problems = []
     timed = {name for step in bench["steps"].values() for name in step["variants"]}
@@ -132,7 +132,7 @@ def _missing(bench: dict, methods: list[str], ratios: dict[str, float | None]) -
 STEP_DEFAULTS = {"rematch_every": 1, "cache_interval": 3, "max_downsample": 1}
 
 
-def _step_options_differ(bench: dict, methods: list[str], step_options: dict[str, dict]) -> list[str]:
+def step_options_differ(bench: dict, methods: list[str], step_options: dict[str, dict]) -> list[str]:
     """A line per run method whose option that sets its step time (ToFu's ``rematch_every``, the ``cache_interval``
     of a ``deepcache+`` name, the ``max_downsample`` of the methods that patch a U-Net's levels) differs from the
     bench's, which timed every variant with its own."""
@@ -193,11 +193,11 @@ def bench_cost(
     """
     bench, source = read_benches(path)
     sizes = list(bench["steps"])
-    problems = _missing(bench, methods, ratios) + _step_options_differ(bench, methods, step_options or {})
+    problems = missing_timings(bench, methods, ratios) + step_options_differ(bench, methods, step_options or {})
     if problems:
         raise EvaluationError(
             f"--cost {path} has no step time for some of this run's methods as they ran:\n" + "\n".join(problems)
-            + f"\nTime them all in one bench (ratios are paired within a bench run): {_bench_command(bench, methods, ratios, step_options, source)}"
+            + f"\nTime them all in one bench (ratios are paired within a bench run): {bench_command(bench, methods, ratios, step_options, source)}"
         )
     points = {
         name: {BENCH_X: {s: step_vs_full(bench["steps"][s], name) for s in sizes},
@@ -214,13 +214,13 @@ def bench_cost(
     return {"cost": cost, "points": points}
 
 
-def _bench_command(bench: dict, methods: list[str], ratios: dict, step_options: dict | None, source: dict) -> str:
+def bench_command(bench: dict, methods: list[str], ratios: dict, step_options: dict | None, source: dict) -> str:
     """The ``tofu-sd bench`` command that would time every method of the run as it ran."""
     variants = ",".join(dict.fromkeys([REFERENCE, *methods]))
     unsuffixed = {ratios.get(m) for m in methods if _uses_run_ratio(m) and ratios.get(m) is not None}
     ratio = f" --ratio {unsuffixed.pop():g}" if len(unsuffixed) == 1 else ""  # the run's --ratio, for unsuffixed names
     steps = {f" --{key.replace('_', '-')} {value}" for own in (step_options or {}).values() for key, value in own.items()
-             if value is not None and value != STEP_DEFAULTS[key]}  # fmt: skip
+             if key in STEP_DEFAULTS and value is not None and value != STEP_DEFAULTS[key]}  # fmt: skip
     out = ",".join(dict.fromkeys(str(path) for path, _, _ in source.values()))
     return (f"tofu-sd bench --arch {bench.get('arch', 'sd15')} --sizes {','.join(bench['steps'])} --variants {variants}"
             f"{ratio}{''.join(sorted(steps))} --json {out}")  # fmt: skip
@@ -234,6 +234,8 @@ def _rows(cost: dict | None, model: str | None) -> tuple[list[dict], str]:
     if cost is None:
         caption = OVERHEAD_NOTE if model in BUILTIN_MODELS else "x: seconds per image measured while generating this run."
         return [{"x": "sec_per_image", "size": None, "title": "", "xlabel": "seconds per image (lower is faster)"}], caption
+    if "rows" in cost:  # a cost of its own rows (a diffusion transformer's: evaluation.block_cost)
+        return cost["rows"], cost["caption"]
     c = cost["cost"]
     rows = [
         {"x": BENCH_X, "size": str(size), "title": f"{c['arch']} U-Net step, {size} px, {c['device']} {c['dtype']}, "
@@ -252,6 +254,15 @@ def x_of(point: dict, row: dict) -> float | None:
     return value.get(row["size"]) if row["size"] is not None and value is not None else value
 
 
+def _cache_label(params: dict) -> str | None:
+    """A cache's value in a point's label: ``T=0.2`` (a threshold), ``N=3`` (DeepCache's or TaylorSeer's
+    interval, PAB's skip range)."""
+    if "threshold" in params:
+        return f"T={params['threshold']:g}"
+    interval = params.get("cache_interval", params.get("skip_range"))
+    return None if interval is None else f"N={interval}"
+
+
 def pareto_data(report: dict, cost: dict | None = None) -> dict:
     """The numbers behind ``pareto.png``: per method family, its points (one per ratio, by ratio) with seconds per
     image, the bench's cost if ``cost`` (from :func:`bench_cost`) is given, and every fidelity metric the report
@@ -264,9 +275,10 @@ def pareto_data(report: dict, cost: dict | None = None) -> dict:
     for name, m in methods.items():
         family, ratio = _family_and_ratio(name, params.get(name), config.get("reduction") or {})
         own = params.get(name) or {}
-        label = f"{ratio:g}" if ratio is not None else (f"T={own['threshold']:g}" if "threshold" in own else None)
-        if "cache_interval" in own:  # DeepCache's interval (with ToFu's ratio, for a combination)
-            label = f"N={own['cache_interval']}" + (f", {label}" if label else "")
+        label = f"{ratio:g}" if ratio is not None else None
+        cache = _cache_label(own)
+        if cache:  # a cache's own value (with ToFu's ratio, for a combination)
+            label = cache + (f", {label}" if label else "")
         point = {"name": name, "ratio": ratio, "label": label, "keys_removed": own.get("keys_removed"),
                  "sec_per_image": m.get("sec_per_image")}  # fmt: skip
         point.update({key: m[key] for key, _, _ in FIDELITY if key in m})

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from prompts import class_names
 
+from . import block_cost
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .methods.names import method_of
 from .methods.registry import REGISTRY
@@ -172,7 +173,7 @@ def _pareto_lines(pareto: dict | None, reference: str) -> list[str]:
         return []
     rows = pareto.get("rows") or [{}]
     cost = pareto.get("cost") or {}
-    x = "step time relative to full" if cost.get("kind") == "bench" else "seconds per image"
+    x = {"bench": "step time relative to full", block_cost.KIND: "transformer compute relative to full"}.get(cost.get("kind"), "seconds per image")
     lines = [
         "",
         "## Speed-quality trade-off",
@@ -185,6 +186,8 @@ def _pareto_lines(pareto: dict | None, reference: str) -> list[str]:
         "",
         pareto.get("caption") or "x: seconds per image.",
     ]
+    if cost.get("kind") == block_cost.KIND:
+        return lines + block_cost.table_lines(pareto)
     if cost.get("kind") != "bench":
         return lines
     sizes = [str(s) for s in cost["sizes"]]

@@ -1,10 +1,11 @@
 """diffusers' step caches as methods of ``tofu-sd generate`` (``fbcache@T``, ``taylorseer@N``, ``taylorseer-lite@N``,
-``magcache@T``, ``pab@N``, ``fastercache``, ``<cache>+tofu``), on the built-in SD3-style diffusion transformer
+``magcache@T``, ``pab@N``, ``fastercache``, the stacks ``<cache>+<variant>`` and ``<cache>@<value>+<variant>``), on the built-in SD3-style diffusion transformer
 (``--model tiny-sd3``, a random-weight copy: ``tests/test_tiny_sd3_runs.py``): each skips something (other images
 than the full model's, fewer blocks or attentions run), the block counts in the manifest, the stack in either
 order, the pipeline left exactly as before, and the refusals (U-Nets, bad values, the bench) before anything is
 made."""
 
+import contextlib
 import re
 
 import pytest
@@ -17,7 +18,7 @@ from evaluation.block_calls import counting
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
 from evaluation.generate import GenerateConfig, generate
-from evaluation.methods import REGISTRY, method_applied, method_params, parse_methods
+from evaluation.methods import REGISTRY, method_applied, method_of, method_params, parse_methods
 from evaluation.methods.base import MethodOptions
 from evaluation.methods.caches import CACHE_NAMES, CACHES, stacked_patch
 from evaluation.methods.magcache_calibration import Calibration, calibrating
@@ -142,7 +143,7 @@ def _call(pipe, steps=STEPS):
 MORE = MethodOptions(steps=STEPS, guidance_scale=GUIDANCE)
 
 
-@pytest.mark.parametrize("method", [*CACHE_METHODS, STACK])
+@pytest.mark.parametrize("method", [*CACHE_METHODS, STACK, "fbcache@0.5+tofu-kv@0.5"])
 def test_a_cache_method_leaves_the_pipeline_exactly_as_before(pipe, method):
     """Applied, run twice (the second call starts afresh: the first call's state is reset, as a CacheMixin
     pipeline resets it) and removed: no hook, registry or attribute left, and the full model's outputs again."""
@@ -232,6 +233,14 @@ def test_a_loaded_unet_pipeline_refuses_the_caches_too(tiny_pipe_factory):
     ("magcache@x", "magcache's value after '@' is its threshold"),
     ("fastercache@2", "'fastercache@2': fastercache takes no ratio (it runs at diffusers' defaults); write fastercache"),
     ("fbcache+tofu@2", "the ratio after '@' must lie in (0, 1)"),
+    # a stack's cache value: the cache's own message, naming the whole name
+    ("fbcache@-1+tofu-kv@0.75", "bad method name 'fbcache@-1+tofu-kv@0.75': a threshold must be a number > 0 (at -1 it never skips anything); write fbcache@<threshold>"),
+    ("pab@1+tofu@0.5", "bad method name 'pab@1+tofu@0.5': at 1 it would compute at every step and cache nothing"),
+    ("taylorseer-lite@2.5+tofu-M@0.5", "bad method name 'taylorseer-lite@2.5+tofu-M@0.5': taylorseer-lite's value after '@' is its cache interval"),
+    ("magcache@x+tofu-kv-local@0.5", "bad method name 'magcache@x+tofu-kv-local@0.5': magcache's value after '@' is its threshold"),
+    ("fastercache@2+tofu@0.5", "bad method name 'fastercache@2+tofu@0.5': fastercache takes no value (it runs at diffusers' defaults); write fastercache+tofu@0.5"),
+    ("fbcache@0.2+tofu-kv@1.5", "bad method name 'fbcache@0.2+tofu-kv@1.5': the ratio after '@' must lie in (0, 1)"),
+    ("fbcache@0.2+tofu-P@0.5", "unknown method(s) fbcache@0.2+tofu-P@0.5; choose from"),
 ])  # fmt: skip
 def test_bad_values_are_refused_clearly(tmp_path, name, said):
     with pytest.raises(EvaluationError, match=re.escape(said)):
@@ -253,7 +262,48 @@ def test_names_values_and_sweeps():
         "method": "magcache+tofu", "ratio": 0.3, "keys_removed": 0.3, "threshold": 0.06, "steps": STEPS
     }  # fmt: skip
     for name in CACHE_NAMES:
-        assert {name, f"{name}+tofu"} <= set(REGISTRY)
+        assert {name, *(f"{name}+{v}" for v in ("tofu", "tofu-M", "tofu-kv", "tofu-kv-local"))} <= set(REGISTRY)
+
+
+def test_a_stack_gives_its_caches_value_after_the_caches_name():
+    names = "full,fbcache@.20+tofu-kv@.75,taylorseer-lite@2+tofu@0.25,magcache@0.06+tofu-kv-local@0.5,pab@3+tofu-M@0.5,fbcache+tofu-kv@0.5"
+    assert parse_methods(names) == [
+        "full", "fbcache@0.2+tofu-kv@0.75", "taylorseer-lite@2+tofu@0.25", "magcache@0.06+tofu-kv-local@0.5",
+        "pab@3+tofu-M@0.5", "fbcache+tofu-kv@0.5",
+    ]  # fmt: skip
+    options = TokenFusionConfig()
+    assert method_params("fbcache@0.2+tofu-kv@0.75", options) == {"method": "fbcache+tofu-kv", "ratio": 0.75, "keys_removed": 0.75, "threshold": 0.2}
+    assert method_params("fbcache+tofu-kv@0.75", options)["threshold"] == 0.05  # unsuffixed: the cache's default
+    assert method_params("taylorseer-lite@2+tofu@0.25", options) == {"method": "taylorseer-lite+tofu", "ratio": 0.25, "keys_removed": 0.25, "cache_interval": 2}
+    assert method_params("pab@3+tofu-M@0.5", options)["skip_range"] == 3
+    assert method_params("magcache@0.1+tofu-kv-local@0.5", options, MORE) == {
+        "method": "magcache+tofu-kv-local", "ratio": 0.5, "keys_removed": 0.5, "threshold": 0.1, "steps": STEPS
+    }  # fmt: skip
+    assert method_of("magcache@0.1+tofu-kv-local@0.5") == "magcache+tofu-kv-local" and method_of("pab@3") == "pab"
+    # one run holds the stack at several values (each its own name); --ratios sweeps the variant's ratio only
+    assert parse_methods("full,fbcache@0.2+tofu@0.5,fbcache@0.3+tofu@0.5") == ["full", "fbcache@0.2+tofu@0.5", "fbcache@0.3+tofu@0.5"]
+    assert parse_methods("fbcache@0.2+tofu-kv", [0.5, 0.75]) == ["fbcache@0.2+tofu-kv@0.5", "fbcache@0.2+tofu-kv@0.75"]
+    with pytest.raises(EvaluationError, match="lists a method twice"):
+        parse_methods("fbcache@0.2+tofu@0.5,fbcache@.2+tofu@.5")
+
+
+@pytest.mark.parametrize(("name", "value", "reduce", "matching", "letter"), [
+    ("fbcache@0.3+tofu-kv@0.5", 0.3, "kv", "global", None), ("fbcache+tofu-kv@0.5", 0.05, "kv", "global", None),
+    ("pab@4+tofu-M@0.5", 4, "tokens", "global", "M"), ("fastercache+tofu-kv-local@0.5", None, "kv", "local", None),
+])  # fmt: skip
+def test_the_stack_applies_its_cache_at_the_names_value_and_its_variant(pipe, monkeypatch, name, value, reduce, matching, letter):
+    """The stack's patch hands the cache the name's value (else its default) and applies the named variant."""
+    from evaluation.methods import caches as caches_module
+
+    seen = []
+    monkeypatch.setattr(caches_module, "cache_applied", lambda pipe, cache, value, *rest: seen.append((cache.name, value)) or contextlib.nullcontext())
+    with method_applied(pipe, name, TokenFusionConfig(), MORE):
+        config = tofu_sd.get_state(pipe).config
+        letters = {block.letter for block in tofu_sd.patched_blocks(pipe)}
+    assert seen == [(method_of(name).partition("+")[0], value)]
+    assert (config.ratio, config.reduce, config.matching) == (0.5, reduce, matching)
+    assert letter is None or letters == {letter}
+    assert tofu_sd.get_state(pipe) is None
 
 
 @pytest.mark.parametrize("variant", ["fbcache", "pab@2", "fastercache", "magcache+tofu@0.5"])

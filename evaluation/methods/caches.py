@@ -2,8 +2,10 @@
 Fusion: ``fbcache@T`` (First Block Cache, threshold T), ``taylorseer@N`` / ``taylorseer-lite@N`` (TaylorSeer,
 full and lite mode, cache interval N), ``magcache@T`` (MagCache, threshold T), ``pab@N`` (Pyramid Attention
 Broadcast, spatial attention computed once every N steps) and ``fastercache`` (FasterCache, diffusers' defaults),
-and ``<cache>+tofu`` (``fbcache+tofu@0.5``: the cache at its default value with ``tofu_sd.apply`` at the name's
-ratio, on the same transformer).
+and the stacks ``<cache>+<variant>`` of a cache and a Token Fusion variant on the same transformer (``tofu``,
+``tofu-M``, ``tofu-kv``, ``tofu-kv-local``: :data:`evaluation.methods.registry.STACKED`): ``fbcache+tofu@0.5`` runs
+the cache at its default value, ``fbcache@0.2+tofu-kv@0.75`` at the value the name gives (checked as the cache's
+own), each with the variant at the name's ratio.
 
 Each cache is applied with diffusers' own API on the pipeline's transformer: ``enable_cache(config)`` where the
 model has ``CacheMixin`` (Flux), else the cache's ``apply_*(model, config)`` (SD3 and PixArt in diffusers
@@ -341,15 +343,17 @@ def cache_params(cache: Cache):
 
 
 def stacked_patch(cache: Cache, tofu, tofu_first: bool = False):
-    """The patch of ``<cache>+tofu@r``: the cache (at its default value) and ``tofu`` (a tofu variant's patch,
-    at the name's ratio) on the same transformer, the cache applied first unless ``tofu_first``. tofu_sd keeps
+    """The patch of ``<cache>[@<value>]+<variant>@r``: the cache (at the parameters' value: the name's, else its
+    default) and ``tofu`` (a tofu variant's patch, at the name's ratio) on the same transformer, the cache applied
+    first unless ``tofu_first``. tofu_sd keeps
     its hooks innermost, so the order does not change the images, except MagCache's calibration, which sees
     Token Fusion when it is applied first (the registry applies the cache first: it calibrates the model as
     ``magcache`` alone does)."""
 
     @contextlib.contextmanager
     def patch(pipe, options: TokenFusionConfig, params: dict):
-        applied = cache_applied(pipe, cache, None, params.get("steps"), params.get("guidance_scale"))
+        value = params.get(cache.key) if cache.key is not None else None
+        applied = cache_applied(pipe, cache, value, params.get("steps"), params.get("guidance_scale"))
         first, second = (tofu(pipe, options, params), applied) if tofu_first else (applied, tofu(pipe, options, params))
         with first, second:
             yield
@@ -358,8 +362,8 @@ def stacked_patch(cache: Cache, tofu, tofu_first: bool = False):
 
 
 def stacked_params(cache: Cache, tofu_params):
-    """The parameters of ``<cache>+tofu@r``: tofu's (``tofu_params``: ratio, keys removed) and the cache's value
-    (its default) and options."""
+    """The parameters of ``<cache>+<variant>@r``: the variant's (``tofu_params``: ratio, keys removed) and the
+    cache's value (its default: a name that gives its own sets it, :class:`~.names.Name`) and options."""
 
     def params(value, options: TokenFusionConfig, **more) -> dict:
         own = cache.params(None, options, **more)

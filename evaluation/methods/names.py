@@ -4,7 +4,9 @@ per ratio (:func:`expand_ratios`).
 
 A ``deepcache+<variant>`` name runs DeepCache at the run's ``--cache-interval``; ``deepcache@N+<variant>`` (e.g.
 ``deepcache@4+tofu-kv@0.75``) gives its own interval N, so one run can hold the combination at several intervals,
-each paired with the same ``full`` images."""
+each paired with the same ``full`` images. Likewise a stack of one of diffusers' step caches and a tofu variant,
+``<cache>+<variant>``, runs the cache at its default value and ``<cache>@<value>+<variant>`` (e.g.
+``fbcache@0.2+tofu-kv@0.75``, ``taylorseer-lite@2+tofu@0.25``) at that value, checked as the cache's own."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from tofu_sd import TokenFusionConfig
 
 from ..errors import EvaluationError
 from .base import Method, MethodOptions, format_ratio
-from .registry import REGISTRY, get_method
+from .caches import CACHE_NAMES
+from .registry import CACHE_STACKS, REGISTRY, get_method
 
 
 @dataclass(frozen=True)
@@ -25,17 +28,24 @@ class Name:
     value: float | None
     #: the cache interval a ``deepcache@N+<variant>`` name gives (None: the run's ``--cache-interval``)
     cache_interval: int | None = None
+    #: the cache's value a ``<cache>@<value>+<variant>`` stack gives (None: the cache's default)
+    cache_value: float | None = None
 
     def __str__(self) -> str:
         name = variant_name(self.method.name, self.value)
-        if self.cache_interval is None:
+        head = self.method.name.partition("+")[0]
+        given = self.cache_interval if self.cache_interval is not None else self.cache_value
+        if given is None:
             return name
-        return name.replace(f"{CACHE_PREFIX}+", f"{CACHE_PREFIX}@{self.cache_interval}+", 1)
+        return name.replace(f"{head}+", f"{head}@{format_ratio(given)}+", 1)
 
     def params(self, options: TokenFusionConfig, more: MethodOptions | None = None) -> dict:
         if self.cache_interval is not None:
             more = replace(more or MethodOptions(), cache_interval=self.cache_interval)
-        return self.method.parameters(self.value, options, more)
+        out = self.method.parameters(self.value, options, more)
+        if self.cache_value is not None:  # the stack's cache at the name's value (its parameters hold the default)
+            out[CACHE_STACKS[self.method.name][0].key] = self.cache_value
+        return out
 
 
 def variant_name(method: str, ratio: float | None) -> str:
@@ -46,26 +56,48 @@ def variant_name(method: str, ratio: float | None) -> str:
 CACHE_PREFIX = "deepcache"  #: the method whose interval a combined name may give: ``deepcache@N+<variant>``
 
 
+def _valued_head(name: str) -> tuple[str, str, str] | None:
+    """``(prefix, value, rest)`` of a combined name whose first method gives its own value,
+    ``deepcache@<N>+<rest>`` or ``<cache>@<value>+<rest>``; None for any other name."""
+    head, plus, rest = name.partition("+")
+    prefix, at, value = head.partition("@")
+    if plus and at and (prefix == CACHE_PREFIX or prefix in CACHE_NAMES):
+        return prefix, value, rest
+    return None
+
+
 def parse_name(name: str) -> Name:
     """``tofu@0.5`` -> (tofu's entry, 0.5); ``deepcache@4+tofu-kv@0.75`` -> (deepcache+tofu-kv's entry, 0.75,
-    interval 4); EvaluationError for an unknown method or a bad value."""
-    head, plus, rest = name.partition("+")
-    if plus and head.startswith(f"{CACHE_PREFIX}@"):
-        return _with_interval(name, head.partition("@")[2], rest)
+    interval 4); ``fbcache@0.2+tofu@0.5`` -> (fbcache+tofu's entry, 0.5, cache value 0.2); EvaluationError for an
+    unknown method or a bad value."""
+    valued = _valued_head(name)
+    if valued is not None:
+        return _with_value(name, *valued)
+    return _plain(name, name)
+
+
+def _plain(name: str, given: str) -> Name:
+    """``name`` without a value of its first method; errors name ``given``, the name as written."""
     method, at, suffix = name.partition("@")
     entry = get_method(method)
     if not at:
         return Name(entry, None)
-    return Name(entry, entry.parameter.parse(method, name, suffix))
+    return Name(entry, entry.parameter.parse(method, given, suffix))
 
 
-def _with_interval(name: str, interval: str, variant: str) -> Name:
-    """``deepcache@<interval>+<variant>``: the ``deepcache+<variant>`` entry at that interval."""
-    inner = parse_name(f"{CACHE_PREFIX}+{variant}")
-    if "cache_interval" not in inner.method.takes:
-        raise EvaluationError(f"bad method name {name!r}: {inner.method.name} takes no cache interval")
-    value = get_method(CACHE_PREFIX).parameter.parse(CACHE_PREFIX, name, interval)
-    return Name(inner.method, inner.value, value)
+def _with_value(name: str, prefix: str, value: str, rest: str) -> Name:
+    """``deepcache@<N>+<variant>``: the ``deepcache+<variant>`` entry at interval N; ``<cache>@<value>+<variant>``:
+    the ``<cache>+<variant>`` entry with the cache at that value, parsed and checked as the cache's own."""
+    inner = _plain(f"{prefix}+{rest}", name)
+    if prefix == CACHE_PREFIX:
+        if "cache_interval" not in inner.method.takes:
+            raise EvaluationError(f"bad method name {name!r}: {inner.method.name} takes no cache interval")
+        return Name(inner.method, inner.value, get_method(CACHE_PREFIX).parameter.parse(CACHE_PREFIX, name, value))
+    if CACHE_STACKS[inner.method.name][0].parameter is None:
+        raise EvaluationError(
+            f"bad method name {name!r}: {prefix} takes no value (it runs at diffusers' defaults); write {prefix}+{rest}"
+        )
+    return Name(inner.method, inner.value, cache_value=get_method(prefix).parameter.parse(prefix, name, value))
 
 
 def split_name(name: str) -> tuple[str, float | None]:
@@ -120,10 +152,10 @@ def expand_ratios(methods: list[str], ratios: list[float] | None, reduction: Tok
 
 def method_of(name: str) -> str:
     """The registry entry a name belongs to, without parsing its value: ``tofu@0.5`` -> ``tofu``,
-    ``deepcache@4+tofu-kv@0.75`` -> ``deepcache+tofu-kv``."""
-    head, plus, rest = name.partition("+")
-    if plus and head.startswith(f"{CACHE_PREFIX}@"):
-        name = f"{CACHE_PREFIX}+{rest}"
+    ``deepcache@4+tofu-kv@0.75`` -> ``deepcache+tofu-kv``, ``fbcache@0.2+tofu@0.5`` -> ``fbcache+tofu``."""
+    valued = _valued_head(name)
+    if valued is not None:
+        name = f"{valued[0]}+{valued[2]}"
     return name.partition("@")[0]
 
 

@@ -73,11 +73,13 @@ def _cache(cache: caches.Cache) -> Method:
 
 
 def _cache_and(cache: caches.Cache, variant: Method) -> Method:
-    """``<cache>+<variant>``: the cache at its default value and the tofu variant at the name's ratio, on the same
-    transformer (the cache applied first; tofu_sd makes the order irrelevant to the images)."""
+    """``<cache>+<variant>``: the cache at its default value (``<cache>@<value>+<variant>``: at that value,
+    :mod:`.names`) and the tofu variant at the name's ratio, on the same transformer (the cache applied first;
+    tofu_sd makes the order irrelevant to the images)."""
     value = "" if cache.parameter is None else f"@{format_ratio(cache.default)}"
+    given = "" if cache.parameter is None else f" (or {cache.name}@<value>+{variant.name})"
     return Method(
-        f"{cache.name}+{variant.name}", f"{variant.name} with {cache.name}{value} on the same transformer",
+        f"{cache.name}+{variant.name}", f"{variant.name} with {cache.name}{value}{given} on the same transformer",
         caches.stacked_patch(cache, variant.patch), caches.stacked_params(cache, variant.params), takes=cache.takes,
         transformer_only=caches.TRANSFORMERS_ONLY, bench_refusal=caches.BENCH_REFUSAL, in_bench_default=False,
         default_schedule=variant.default_schedule, step_options=variant.step_options,
@@ -87,7 +89,12 @@ def _cache_and(cache: caches.Cache, variant: Method) -> Method:
 TOFU = _tofu("tofu", "Token Fusion (tofu_sd.apply) with the run's options", bench_pairs="reducer")
 TOFU_KV = _tofu("tofu-kv", 'tofu keeping every query: keys and values from the reduced tokens (reduce="kv")', reduce="kv")
 TOFU_KV_LOCAL = _tofu("tofu-kv-local", "tofu-kv with local matching", reduce="kv", matching="local")
+TOFU_M = _tofu("tofu-M", "tofu with MLERP merging (M) in every block", schedule="M")
 TOFU_FF = _tofu("tofu+ff", 'tofu with the feed-forward on the reduced tokens too (modules="attn1,ff")', ("attn1", "ff"))
+
+#: The tofu variants that stack with each of diffusers' step caches (``<cache>+<variant>``): those that run on
+#: diffusion transformers, which is where the caches run, with the default and MLERP schedules and both reductions.
+STACKED = (TOFU, TOFU_M, TOFU_KV, TOFU_KV_LOCAL)
 
 
 ENTRIES = (
@@ -98,7 +105,7 @@ ENTRIES = (
     TOFU,
     _tofu("tofu-P", "tofu with pruned merging (P) in every block", schedule="P"),
     _tofu("tofu-A", "tofu with average merging (A) in every block", schedule="A"),
-    _tofu("tofu-M", "tofu with MLERP merging (M) in every block", schedule="M"),
+    TOFU_M,
     _tofu("tofu-local", 'tofu with local matching (matching="local")', bench_pairs="reducer", matching="local"),
     TOFU_KV,
     TOFU_KV_LOCAL,
@@ -131,10 +138,14 @@ ENTRIES = (
     _deepcache_around(TOFU_KV_LOCAL),
     _deepcache_around(TOFU_FF),
     *(_cache(cache) for cache in caches.CACHES),
-    *(_cache_and(cache, TOFU) for cache in caches.CACHES),
+    *(_cache_and(cache, variant) for variant in STACKED for cache in caches.CACHES),
 )
 REGISTRY: dict[str, Method] = {method.name: method for method in ENTRIES}
 METHODS = tuple(REGISTRY)  #: the names of the entries, in order
+#: Each stack's entry name (``fbcache+tofu-kv``) -> its cache and its tofu variant.
+CACHE_STACKS: dict[str, tuple[caches.Cache, Method]] = {
+    f"{cache.name}+{variant.name}": (cache, variant) for variant in STACKED for cache in caches.CACHES
+}
 
 
 def get_method(method: str) -> Method:
