@@ -8,3 +8,4 @@ everything, :mod:`.classifier` is the classifier.
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().with_name("model")
+MAX_BYTES = 40 * 10**6  #: the repository's limit on a shipped model folder

@@ -18,7 +18,8 @@ from .data import NUM_CLASSES
 # The noise schedule of Stable Diffusion 1.x.
 NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 #: Panel titles of the loss plots (the VAE: L1 + MSE, i.e. squared L2, + 1e-6 KL).
-LOSS_TITLES = {"vae": "VAE (L1 + L2 + KL)", "unet": "U-Net + text encoder (min-SNR eps)", "classifier": "classifier (CE)"}
+LOSS_TITLES = {"vae": "VAE (L1 + L2 + KL)", "unet": "U-Net + text encoder (min-SNR eps)", "classifier": "classifier (CE)",
+               "finetune": "fine-tune at 128 + 64 px (min-SNR eps)"}  # the last: evaluation.shapes.finetune
 
 
 def final_loss(log: list[tuple[int, float]]) -> float:

@@ -14,8 +14,11 @@ with 0-256 of them (mostly 0-16), and :data:`CALL_KWARGS` passes 16, which keeps
 
 from pathlib import Path
 
+from ..shapes import MAX_BYTES  # the repository's limit on a shipped model folder, as for the U-Net model
+
+__all__ = ["CALL_KWARGS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "MAX_BYTES", "MODEL_DIR", "PROMPT_SET", "load_pipeline"]
+
 MODEL_DIR = Path(__file__).resolve().with_name("model")
-MAX_BYTES = 40 * 10**6  #: the shipped folder's size limit
 PROMPT_SET = "shapes"
 #: Keyword arguments for calls of the pipeline: few zero "T5" tokens; 20 Euler steps and guidance 5.
 CALL_KWARGS = {"max_sequence_length": 16}
