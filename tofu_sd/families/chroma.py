@@ -33,7 +33,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from ..arguments import argument
 from ..config import TokenFusionConfig
 from .base import Family, Part, Site
-from .flux import grid_from_ids
+from .flux import grid_from_ids, two_stream_sites
 
 
 class ChromaFamily(Family):
@@ -53,17 +53,7 @@ class ChromaFamily(Family):
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        double = [
-            Site(f"transformer_blocks.{i}", block, model, ("attn",))
-            for i, block in enumerate(model.transformer_blocks)
-            if isinstance(block, ChromaTransformerBlock)
-        ]
-        single = [
-            Site(f"single_transformer_blocks.{i}", block, model, ("attn",), single_stream=True, image_last=True)
-            for i, block in enumerate(model.single_transformer_blocks)
-            if isinstance(block, ChromaSingleTransformerBlock)
-        ]
-        return double + single
+        return two_stream_sites(model, ChromaTransformerBlock, ChromaSingleTransformerBlock, image_last=True)
 
     def grid(self, module, args, kwargs) -> tuple[int, int]:
         """The token grid of a Chroma call, from its ``img_ids``; ``ValueError`` for ids that are no row-major

@@ -50,6 +50,23 @@ def grid_from_ids(ids: torch.Tensor) -> tuple[int, int] | None:
     return h, w
 
 
+def two_stream_sites(model: torch.nn.Module, double: type, single: type, image_last: bool = False) -> list[Site]:
+    """The ``attn`` of each ``double`` block of ``model.transformer_blocks``, then of each ``single`` block of
+    ``model.single_transformer_blocks`` (single-stream; ``image_last``: the model hands them ``[text, image]`` as one
+    input, as FLUX.2 and Chroma do, where FLUX.1 passes the text apart)."""
+    doubles = [
+        Site(f"transformer_blocks.{i}", block, model, ("attn",))
+        for i, block in enumerate(model.transformer_blocks)
+        if isinstance(block, double)
+    ]
+    singles = [
+        Site(f"single_transformer_blocks.{i}", block, model, ("attn",), single_stream=True, image_last=image_last)
+        for i, block in enumerate(model.single_transformer_blocks)
+        if isinstance(block, single)
+    ]
+    return doubles + singles
+
+
 class FluxFamily(Family):
     name = "Flux"
     processors = (FluxAttnProcessor,)
@@ -64,17 +81,7 @@ class FluxFamily(Family):
     joint_attention = JointAttention(FluxAttnProcessor, flux_attention, reads_fused_flag=True)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        double = [
-            Site(f"transformer_blocks.{i}", block, model, ("attn",))
-            for i, block in enumerate(model.transformer_blocks)
-            if isinstance(block, FluxTransformerBlock)
-        ]
-        single = [
-            Site(f"single_transformer_blocks.{i}", block, model, ("attn",), single_stream=True)
-            for i, block in enumerate(model.single_transformer_blocks)
-            if isinstance(block, FluxSingleTransformerBlock)
-        ]
-        return double + single
+        return two_stream_sites(model, FluxTransformerBlock, FluxSingleTransformerBlock)
 
     def grid(self, module, args, kwargs) -> tuple[int, int]:
         """The patch grid of a Flux call, from its ``img_ids``; ``ValueError`` if they are no row-major grid."""

@@ -38,7 +38,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 
 from ..arguments import argument
 from .base import Family, Site
-from .flux import grid_from_ids
+from .flux import grid_from_ids, two_stream_sites
 
 
 class Flux2Family(Family):
@@ -53,17 +53,7 @@ class Flux2Family(Family):
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        double = [
-            Site(f"transformer_blocks.{i}", block, model, ("attn",))
-            for i, block in enumerate(model.transformer_blocks)
-            if isinstance(block, Flux2TransformerBlock)
-        ]
-        single = [
-            Site(f"single_transformer_blocks.{i}", block, model, ("attn",), single_stream=True, image_last=True)
-            for i, block in enumerate(model.single_transformer_blocks)
-            if isinstance(block, Flux2SingleTransformerBlock)
-        ]
-        return double + single
+        return two_stream_sites(model, Flux2TransformerBlock, Flux2SingleTransformerBlock, image_last=True)
 
     def grid(self, module, args, kwargs) -> tuple[int, int]:
         """The token grid of a FLUX.2 call, from its ``img_ids``; ``ValueError`` if they are no row-major grid of
