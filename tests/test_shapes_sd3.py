@@ -148,7 +148,9 @@ def test_init_from_an_exported_model_starts_from_its_weights_and_draws_other_bat
         assert torch.equal(trainer.loss(0), trainer.loss(0))  # drawn from the step: the same on a resume
 
 
-def test_a_continued_run_exports_a_card_with_both_stages(tmp_path, finished_run):
+def test_a_continued_run_exports_a_card_with_every_stage(tmp_path, finished_run):
+    from evaluation.shapes import MODEL_DIR as UNET_DIR
+
     export_model(finished_run[1], tmp_path / "first")
     first = json.loads((tmp_path / "first" / "training.json").read_text())
     work = tmp_path / "more"
@@ -156,8 +158,17 @@ def test_a_continued_run_exports_a_card_with_both_stages(tmp_path, finished_run)
     info = export_model(work, tmp_path / "first")  # over the model it started from, as the shipped one is
     assert info["continues"] == first and info["step"] == 4
     card = (tmp_path / "first" / "README.md").read_text()
-    assert "Run, in two stages. First a run from scratch: 4 steps x 4" in card
-    assert "In all 8 steps, 32 samples (4.0 epochs)" in card  # 8 pictures in the tiny data set
+    assert "Run, in 2 stages" in card and "Stage 1: 4 steps x 4 (" in card and "from scratch" in card
+    assert "In all: 8 steps, 32 samples (4.0 epochs)" in card  # 8 pictures in the tiny data set
+    third = tmp_path / "third"  # a third stage, with the U-Net teacher's targets
+    Trainer(tiny_config(third, init_from=str(tmp_path / "first"), teacher=str(UNET_DIR)), echo=quiet).run()
+    info = export_model(third, tmp_path / "first")
+    assert info["continues"]["continues"] == first and info["config"]["teacher"] == str(UNET_DIR)
+    card = (tmp_path / "first" / "README.md").read_text()
+    lines = [line for line in card.splitlines() if line.startswith("  - Stage")]
+    assert len(lines) == 3 and "`--teacher`" in lines[2] and "`--teacher`" not in lines[1]
+    assert "In all: 12 steps, 48 samples (6.0 epochs)" in card
+
 
 shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(), reason="the model is not exported yet")
 

@@ -69,7 +69,11 @@ python -m evaluation.shapes_sd3.export --work-dir /work/ckpt/tiny-sd3 --out eval
 
 - Objective: SD3's rectified flow. `x_t = (1 - sigma) x_0 + sigma noise`, the transformer predicts
   `noise - x_0` (MSE, unweighted), `sigma` logit-normal (mean 0, std 1), timestep `1000 sigma`; latents
-  `x_0 = (z - shift_factor) * scaling_factor`, the inverse of the pipeline's decode.
+  `x_0 = (z - shift_factor) * scaling_factor`, the inverse of the pipeline's decode. With `--teacher` (a stage
+  below says where), the regression target is not the drawn `noise - x_0` but the `tiny` U-Net model's estimate
+  of it (its epsilon prediction at the DDPM timestep of the same signal-to-noise ratio,
+  `evaluation/shapes_sd3/teacher.py`): the same mean with far less variance, so the shapes are learnt in fewer
+  steps, and a student that draws what the U-Net draws.
 - Transformer and both text encoders trained together: AdamW {lr:g} (weight decay 0.01), batch {batch},
   warm-up {warmup} steps, then cosine decay to 10% over the run's **wall-time budget** of {minutes:g} minutes
   (`--minutes`; the machine is shared with other jobs, so the step rate is not known in advance; `--minutes 0`
@@ -96,33 +100,53 @@ RUN = (
     "({step_s:.2f} s a step on average), plus {latents_s:.0f} s encoding the pictures; final loss (mean of the last "
     "100 steps) {final_loss:.4f}. {machine}"
 )
-CONTINUED = (
-    "Run, in two stages. First a run from scratch: {first_steps:,} steps x {first_batch} ({first_min:.0f} minutes, "
-    "learning rate {first_lr:g} decayed over {first_budget:g} minutes, 1 thread at nice 10 beside other jobs), final "
-    "loss {first_loss:.4f}, prompt accuracy {first_acc}. Then this run, from that model's exported EMA weights "
-    "(`python -m evaluation.shapes_sd3.train --work-dir W --init-from <that model> --minutes {budget:g}`; a new "
-    "optimizer and EMA, other batches than the first run's): " + RUN[5:] + " In all "
-    "{total_steps:,} steps, {total_samples:,} samples ({total_epochs:.1f} epochs), {total_min:.0f} minutes."
+STAGE = (
+    "{label}: {steps:,} steps x {batch} ({minutes:.0f} minutes, learning rate {lr:g} decayed over {budget:g} minutes, "
+    "{origin}{target}), final loss {loss:.4f}, prompt accuracy {acc}."
 )
 
 
-def _run_line(info: dict, values: dict) -> str:
-    """The card's line on the run: one stage, or a continued model's two."""
-    first = info.get("continues")
-    if not first:
-        return RUN.format(**values)
-    c = first["config"]
-    q = first.get("quality", {}).get("prompt_accuracy")
-    steps = first["step"] + info["step"]
-    return CONTINUED.format(
-        **values, first_steps=first["step"], first_batch=c["batch"], first_min=first["seconds"]["transformer"] / 60,
-        first_lr=c["lr"], first_budget=c["minutes"], first_loss=first["final_loss_mean_last_100"],
-        first_acc="not measured" if q is None else f"{q:.1%}", total_steps=steps,
-        total_samples=first["step"] * c["batch"] + values["samples"],
-        total_epochs=(first["step"] * c["batch"] + values["samples"]) / info["config"]["images"],
-        total_min=(first["seconds"]["transformer"] + info["seconds"]["transformer"]) / 60,
-        budget=info["config"]["minutes"],
+def stages(info: dict) -> list[dict]:
+    """The chain of runs behind a model, first to last: each ``training.json`` keeps the one of the model it
+    continued (``continues``), which may itself continue another."""
+    chain = []
+    while info:
+        chain.append(info)
+        info = info.get("continues")
+    return chain[::-1]
+
+
+def _stage_line(index: int, stage: dict) -> str:
+    c = stage["config"]
+    q = stage.get("quality", {}).get("prompt_accuracy")
+    teacher = c.get("teacher")
+    return STAGE.format(
+        label=f"Stage {index + 1}", steps=stage["step"], batch=c["batch"], minutes=stage["seconds"]["transformer"] / 60,
+        lr=c["lr"], budget=c["minutes"], loss=stage["final_loss_mean_last_100"],
+        origin="from the previous stage's exported EMA weights, a new optimizer and EMA, and the batches that every "
+        "continued run draws, other than the first stage's"
+        if c.get("init_from") else "from scratch",
+        target=(f"; target: the `tiny` U-Net's estimate of `noise - x_0` (`--teacher`, weight {c.get('teacher_weight', 1.0):g})"
+                if teacher else "; target: the drawn `noise - x_0`"),
+        acc="not measured" if q is None else f"{q:.1%}",
     )  # fmt: skip
+
+
+def _run_line(info: dict, values: dict) -> str:
+    """The card's line on the run: one stage, or the stages of a continued model, then the totals."""
+    chain = stages(info)
+    if len(chain) == 1:
+        return RUN.format(**values)
+    steps = sum(s["step"] for s in chain)
+    samples = sum(s["step"] * s["config"]["batch"] for s in chain)
+    minutes = sum(s["seconds"]["transformer"] for s in chain) / 60
+    lines = [f"Run, in {len(chain)} stages (each `python -m evaluation.shapes_sd3.train --work-dir W --init-from "
+             "<the previous stage's model> ...`; the options of each are in `training.json`, under `continues`):"]
+    lines += [f"  - {_stage_line(i, s)}" for i, s in enumerate(chain)]
+    lines.append("  - This stage in detail: " + RUN[5:].format(**values))
+    lines.append(f"  - In all: {steps:,} steps, {samples:,} samples ({samples / info['config']['images']:.1f} epochs), "
+                 f"{minutes:.0f} minutes of training.")
+    return "\n".join(lines)
 
 
 def render(info: dict, size_bytes: int, machine: str = MACHINE) -> str:
