@@ -244,8 +244,6 @@ def test_ids_that_are_no_grid_are_refused_at_the_call():
 
 def test_unsupported_options_are_refused():
     model = tiny_chroma()
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for Chroma transformers yet: its attention"):
-        tofu_sd.apply(model, reduce="kv")
     model.single_transformer_blocks[0].attn.set_processor(AttnProcessor2_0())
     with pytest.raises(ValueError, match="single_transformer_blocks.0.attn: its attention processor AttnProcessor2_0"):
         tofu_sd.apply(model)

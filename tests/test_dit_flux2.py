@@ -307,8 +307,6 @@ def test_compile_repeated_blocks():
 
 def test_unsupported_options_are_refused():
     model = tiny_flux2()
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for FLUX.2 transformers yet: its attention"):
-        tofu_sd.apply(model, reduce="kv")
     model.transformer_blocks[1].attn.set_processor(Flux2KVAttnProcessor())
     with pytest.raises(ValueError, match="transformer_blocks.1.attn: its attention processor Flux2KVAttnProcessor"):
         tofu_sd.apply(model)

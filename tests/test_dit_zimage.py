@@ -315,8 +315,6 @@ def test_unsupported_calls_are_refused_at_the_call():
 
 def test_unsupported_options_are_refused():
     model = tiny_zimage()
-    with pytest.raises(ValueError, match="reduce='kv' is not supported for Z-Image transformers yet: its attention"):
-        tofu_sd.apply(model, reduce="kv")
     model.layers[0].attention.set_processor(AttnProcessor2_0())
     with pytest.raises(ValueError, match="layers.0.attention: its attention processor AttnProcessor2_0 is not"):
         tofu_sd.apply(model)

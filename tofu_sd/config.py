@@ -97,7 +97,10 @@ class TokenFusionConfig:
             with its own). Sana's linear ``attn1`` has no logits: there each reduced key's ReLU feature is
             weighted by its group's size, the exact linear-attention equivalent (it saves less: only the key and
             value projections and sums shrink). Other processors (IP-Adapter, PAG, xformers) and fused QKV
-            projections are refused there; FLUX.2, Chroma and Z-Image refuse ``"kv"``.
+            projections are refused there. FLUX.2 (both kinds of block), Chroma and Z-Image run alike, as
+            ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor`` / ``FluxAttnProcessor`` /
+            ``ZSingleStreamAttnProcessor`` would, their attention masks kept (a reduced key's mask entry is
+            ``log(sum(exp(mask)))`` over its group: ``log(size)`` where nothing is masked).
         rematch_every (`int`, defaults to `1`):
             Compute each block's partition and matching at one denoising step and reuse them, unchanged, for
             the next ``rematch_every - 1`` steps of the same pipeline call; ``1`` matches at every call (and

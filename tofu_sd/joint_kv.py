@@ -10,8 +10,10 @@ image tokens (its matching and schedule letter) and proportional attention's ``l
 (0 on the text keys) through an attention call that takes an additive mask: ``F.scaled_dot_product_attention``
 for SD3 (which its processor calls), diffusers' ``dispatch_attention_fn`` with the processor's backend for Flux.
 Every query (text and image) and the text keys and values are computed as the processor computes them.
-Families outside this module give their own mirror the same way (Qwen-Image, Wan, Sana: :class:`JointAttention`
-with the call's layout, ``fits``, that their mirror takes).
+Families outside this module give their own mirror the same way (Qwen-Image, Wan, Sana, Z-Image, FLUX.2 in
+:mod:`tofu_sd.flux2_kv`: :class:`JointAttention` with the call's layout, ``fits``, that their mirror takes).
+Chroma runs :func:`flux_attention` under its attention mask (``JointAttention.mask``): each reduced key's mask
+entry is made from its group's tokens' entries (:func:`grouped_key_bias`, which also gives ``log(size)``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class JointAttention:
     fits: Callable = fits_sequence_table
     #: keyword arguments of the call that ``run`` takes too (Qwen-Image's ``encoder_hidden_states_mask``)
     extras: tuple[str, ...] = ()
+    #: ``run`` takes the call's ``attention_mask`` (3rd positional, or by name) as the keyword ``attention_mask``
+    #: and combines it with the reduced keys (Chroma's, Z-Image's); otherwise a call with a mask runs untouched
+    mask: bool = False
 
     def fused(self, attn: torch.nn.Module) -> bool:
         """Whether ``attn``'s processor would compute with its fused QKV projections."""
@@ -103,16 +108,19 @@ class JointKeyValueHook(ModelHook):
             return False
         if getattr(module.processor, "_parallel_config", None) is not None:
             return False
-        if argument(args, kwargs, 2, "attention_mask") is not None:
+        if not self.joint.mask and argument(args, kwargs, 2, "attention_mask") is not None:
             return False
         if x.shape[0] != m.batch or x.shape[1] != text_len + m.num_tokens:
             return False
         emb = argument(args, kwargs, 3, self.joint.rotary_argument)
         text = argument(args, kwargs, 1, "encoder_hidden_states")
-        return self.joint.fits(text, emb, m, text_len, self._extras(kwargs))
+        return self.joint.fits(text, emb, m, text_len, self._extras(args, kwargs))
 
-    def _extras(self, kwargs) -> dict:
-        return {name: kwargs.get(name) for name in self.joint.extras}
+    def _extras(self, args, kwargs) -> dict:
+        extras = {name: kwargs.get(name) for name in self.joint.extras}
+        if self.joint.mask:
+            extras["attention_mask"] = argument(args, kwargs, 2, "attention_mask")
+        return extras
 
     def new_forward(self, module, *args, **kwargs):
         if not self._mirrored(module, args, kwargs):
@@ -125,7 +133,7 @@ class JointKeyValueHook(ModelHook):
             self.state.matching,
             self.mode,
             self.state.text_len if self.text_first else 0,
-            **self._extras(kwargs),
+            **self._extras(args, kwargs),
         )
 
 
@@ -188,22 +196,71 @@ def key_rotary(emb, text_len: int, m: Matching):
     return tuple(rows)
 
 
-def _rotate_per_row(x: torch.Tensor, table) -> torch.Tensor:
+def rotate_per_row(x: torch.Tensor, table) -> torch.Tensor:
     """``x`` ``(B, S, H, D)`` rotated with a table of ``B * S`` rows (the batch folded into the sequence, which
     ``apply_rotary_emb`` takes one table for)."""
     B, S = x.shape[:2]
     return apply_rotary_emb(x.reshape(1, B * S, *x.shape[2:]), table, sequence_dim=1).view(x.shape)
 
 
-def flux_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0):
-    """``FluxAttnProcessor`` with the image keys and values reduced by ``m`` and ``mode`` and ``log(size)`` on
-    their logits: a double-stream ``attn`` (image ``x``, ``text`` apart) or a single-stream one (``x`` is
-    ``[text, image]``, its first ``text_len`` tokens text; no output projection). Every query is rotated with
-    the call's table, as the processor does; keys with :func:`key_rotary`. A single-stream block projects its
-    text keys in one call with the reduced image tokens, as the processor does with all of them (the same
-    arithmetic per row; a BLAS may still round a product of fewer rows differently). The attention goes through
-    the processor's backend (diffusers' dispatch), which must take an additive mask: the native ones do;
-    diffusers' flash and sage backends refuse a mask with a ValueError."""
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as the logit bias it stands for, in ``dtype``: a boolean one 0 where True, ``-inf`` where
+    False; a floating one (added to the logits by scaled-dot-product attention) as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def grouped_key_bias(image: torch.Tensor, m: Matching) -> torch.Tensor:
+    """The logit bias of the reduced image keys from that of the image tokens: ``image`` ``(B, ..., N)`` (additive,
+    per query if it likes), returned ``(B, ..., N - r)``: for each reduced key, ``log(sum(exp(b_i)))`` over the
+    tokens ``i`` of its group (:attr:`~tofu_sd.merge.Matching.restore_idx`).
+
+    Why: a group of ``s`` tokens stands for ``s`` keys, whose softmax weights, each ``exp(q . k_i + b_i)``, sum to
+    ``exp(q . k + log(sum(exp(b_i))))`` when the keys are alike (``k_i = k``). Unmasked (``b_i = 0``) that is
+    proportional attention's ``log(s)``; under a mask it counts the group's tokens that the query may see, each
+    with its own bias (a boolean mask: ``log`` of the number of unmasked tokens, ``-inf`` if all are masked). So
+    copies merged into one key give the full attention exactly, mask and all, and a key whose group is all
+    padding stays masked. Computed in ``image``'s dtype (at least float32 for a bias in half precision)."""
+    top = image.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row masked throughout: sums of 0
+    slots = m.restore_idx.to(image.device)
+    slots = slots.view(m.batch, *[1] * (image.ndim - 2), m.num_tokens).expand(image.shape)
+    sums = image.new_zeros(*image.shape[:-1], m.num_tokens - m.r).scatter_add_(-1, slots, (image - top).exp())
+    return sums.log() + top
+
+
+def joint_key_bias(m: Matching, text_len: int, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The logit bias of the keys ``[text_len text keys, reduced image keys]``, broadcast over heads and queries:
+    0 on the text and ``log(size)`` on the image keys, ``(B, 1, 1, T + N - r)``; with ``mask`` (a boolean or
+    additive mask over ``[text, image]`` keys, ``(B or 1, heads or 1, queries or 1, T + N)``), the text keys'
+    columns of it and the image keys' grouped (:func:`grouped_key_bias`), ``(B, heads or 1, queries or 1,
+    T + N - r)``. In ``dtype`` (computed in at least float32)."""
+    if mask is None:
+        image_bias = log_size_bias(m, dtype)
+        return torch.cat([image_bias.new_zeros(m.batch, 1, text_len), image_bias], dim=-1).unsqueeze(1)
+    bias = additive_mask(mask, torch.promote_types(dtype, torch.float32))
+    bias = bias.expand(m.batch, *bias.shape[1:])
+    return torch.cat([bias[..., :text_len], grouped_key_bias(bias[..., text_len:], m)], dim=-1).to(dtype)
+
+
+def fits_joint_mask(text, emb, m: Matching, text_len: int, extras: dict) -> bool:
+    """:func:`fits_sequence_table`, and no ``attention_mask`` or a 4-D one over the call's ``[text, image]``
+    queries and keys (Chroma's blocks make one so), ``(B or 1, heads or 1, S or 1, S)``."""
+    if not fits_sequence_table(text, emb, m, text_len, extras):
+        return False
+    mask = extras.get("attention_mask")
+    S = text_len + m.num_tokens + (0 if text is None else text.shape[1])
+    if mask is None:
+        return True
+    return mask.ndim == 4 and mask.shape[0] in (1, m.batch) and mask.shape[-1] == S and mask.shape[-2] in (1, S)
+
+
+def flux_query_key_value(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0, attention_mask=None):
+    """The queries, keys, values and key bias of :func:`flux_attention`: ``FluxAttnProcessor``'s (and
+    ``Flux2AttnProcessor``'s, which computes them alike) up to the attention call, with the image keys and values
+    from the image tokens reduced by ``m`` and ``mode``, each rotated with its slot's position
+    (:func:`key_rotary`), and their bias from :func:`joint_key_bias`."""
     image = x[:, text_len:]
     keys = reduce_tokens(image, m, mode)
     if text_len:
@@ -221,9 +278,22 @@ def flux_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0
     T = text_len if text is None else text.shape[1]  # text tokens in front of the image queries and keys
     if emb is not None:
         query = apply_rotary_emb(query, emb, sequence_dim=1)
-        key = _rotate_per_row(key, key_rotary(emb, T, m))
-    image_bias = log_size_bias(m, query.dtype)
-    bias = torch.cat([image_bias.new_zeros(m.batch, 1, T), image_bias], dim=-1).unsqueeze(1)
+        key = rotate_per_row(key, key_rotary(emb, T, m))
+    return query, key, value, joint_key_bias(m, T, query.dtype, attention_mask)
+
+
+def flux_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0, attention_mask=None):
+    """``FluxAttnProcessor`` with the image keys and values reduced by ``m`` and ``mode`` and ``log(size)`` on
+    their logits: a double-stream ``attn`` (image ``x``, ``text`` apart) or a single-stream one (``x`` is
+    ``[text, image]``, its first ``text_len`` tokens text; no output projection). Every query is rotated with
+    the call's table, as the processor does; keys with :func:`key_rotary`. A single-stream block projects its
+    text keys in one call with the reduced image tokens, as the processor does with all of them (the same
+    arithmetic per row; a BLAS may still round a product of fewer rows differently). The attention goes through
+    the processor's backend (diffusers' dispatch), which must take an additive mask: the native ones do;
+    diffusers' flash and sage backends refuse a mask with a ValueError. ``attention_mask`` (Chroma's, over
+    ``[text, image]``): its text columns kept, its image columns grouped with the reduced keys
+    (:func:`joint_key_bias`)."""
+    query, key, value, bias = flux_query_key_value(attn, x, text, emb, m, mode, text_len, attention_mask)
     backend = getattr(attn.processor, "_attention_backend", None)  # set by the model's set_attention_backend
     out = dispatch_attention_fn(query, key, value, attn_mask=bias, backend=backend)
     out = out.flatten(2, 3).to(query.dtype)

@@ -15,7 +15,16 @@ image tokens not), which each block turns into a mask per query and key, ``(B, 1
 takes it cut to the text and the kept image tokens, each kept slot with its own position's row and column
 (:func:`~tofu_sd.reducing.cut_joint_mask`), so a padded text token is masked exactly as in the full model.
 (Diffusers 0.42.1's ``ChromaPipeline`` builds that mask as 0 / 1 floats, which attention adds as a bias rather than
-masking; the cut mask is the same bias on the kept tokens.) ``reduce="kv"`` is refused.
+masking; the cut mask is the same bias on the kept tokens.)
+
+With ``reduce="kv"`` the attentions of both kinds of block keep every query (text and image) and take their image
+keys and values from the block's reduced image tokens, run as ``FluxAttnProcessor`` computes them
+(:func:`~tofu_sd.joint_kv.flux_attention`, each reduced key rotated with its slot's position, as in FLUX.1), under
+the call's mask: its rows (every query) and text columns as they are, and one column per reduced key made from the
+columns of its group's tokens, ``log(sum(exp(mask_i)))`` (:func:`~tofu_sd.joint_kv.grouped_key_bias`): the log of
+the total weight the group's keys had, which is proportional attention's ``log(size)`` plus the mask's value when
+the group's entries agree (ChromaPipeline's mask never masks an image token), counts only unmasked tokens when they
+do not, and is ``-inf`` for a group masked throughout. So merged copies give the masked full attention exactly.
 
 The default schedule, ``M`` in every block, is provisional: no Chroma weights were analysed (``tofu-sd
 analyze``); it is the diffusion transformers' default.
@@ -32,6 +41,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from ..arguments import argument
 from ..config import TokenFusionConfig
+from ..joint_kv import JointAttention, fits_joint_mask, flux_attention
 from .base import Family, Part, Site
 from .flux import grid_from_ids, two_stream_sites
 
@@ -47,9 +57,9 @@ class ChromaFamily(Family):
     timestep_index = 2
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
-    key_value_refusal = (
-        "its attention computes queries, keys and values in one call under the prompt's mask, so Token Fusion "
-        "would have to run it itself with the mask cut to the reduced keys, as it runs FLUX.1's (not written yet)"
+    key_value_refusal = None
+    joint_attention = JointAttention(
+        FluxAttnProcessor, flux_attention, reads_fused_flag=True, fits=fits_joint_mask, mask=True
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
@@ -71,7 +81,10 @@ class ChromaFamily(Family):
         return grid
 
     def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
-        """Each block's ``attn``; a double-stream one cuts its mask over ``[text, image]`` to the kept tokens."""
+        """Each block's ``attn``; a double-stream one cuts its mask over ``[text, image]`` to the kept tokens. With
+        ``reduce="kv"``, a key-value part in every block (the hook finds a single-stream block's text in front)."""
+        if config.reduce == "kv":
+            return [Part(name, "kv") for name in site.attentions]
         if site.single_stream:
             return super().parts(site, config)
         return [Part(name, "tokens", joint_mask=True) for name in site.attentions]

@@ -19,7 +19,13 @@ A single-stream block gets ``[text, image]``, concatenated by the model (its ``e
 attention ``attn`` (``Flux2ParallelSelfAttnProcessor``: attention and MLP from one projection, one output
 projection over both) runs on the text and the reduced image tokens, its image part restored. The MLP half works
 per token, so it runs on the same reduced tokens, as the whole single-stream attention of FLUX.1 does; the rotary
-table's rows follow their tokens through the hooks on ``norm_q`` / ``norm_k``. ``reduce="kv"`` is refused.
+table's rows follow their tokens through the hooks on ``norm_q`` / ``norm_k``.
+
+With ``reduce="kv"`` the attentions of both kinds of block keep every query (text and image) and take their image
+keys and values from the block's reduced image tokens, with proportional attention's ``log(size)`` on their
+logits: :class:`~tofu_sd.joint_kv.JointKeyValueHook` runs them as ``Flux2AttnProcessor`` and
+``Flux2ParallelSelfAttnProcessor`` compute them (:mod:`tofu_sd.flux2_kv`), each reduced key rotated with its
+slot's position (a merged group: its destination's), as FLUX.1's.
 
 The default schedule, ``M`` in every block, is provisional: no FLUX.2 weights were analysed (``tofu-sd
 analyze``); it is the diffusion transformers' default.
@@ -37,7 +43,9 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from ..arguments import argument
-from .base import Family, Site
+from ..config import TokenFusionConfig
+from ..flux2_kv import FLUX2_ATTENTION
+from .base import Family, Part, Site
 from .flux import grid_from_ids, two_stream_sites
 
 
@@ -47,10 +55,8 @@ class Flux2Family(Family):
     timestep_index = 2
     timestep_scale = 1000.0
     rotary_norms = (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True))
-    key_value_refusal = (
-        "its attention computes queries, keys and values in one call and rotates them with one table, so Token "
-        "Fusion would have to run it itself, as it runs FLUX.1's (not written yet for FLUX.2's processors)"
-    )
+    key_value_refusal = None
+    joint_attention = FLUX2_ATTENTION
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         return two_stream_sites(model, Flux2TransformerBlock, Flux2SingleTransformerBlock, image_last=True)
@@ -88,3 +94,10 @@ class Flux2Family(Family):
                 f"{expected.__name__}, the one that rotates queries and keys right after their norms, where Token "
                 "Fusion rotates each kept token (the KV processors' cached reference tokens are not supported)."
             )
+
+    def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
+        """Each block's ``attn``: with ``reduce="kv"`` a key-value part in single-stream blocks too (its
+        :class:`~tofu_sd.joint_kv.JointKeyValueHook` finds the text in front of the image)."""
+        if config.reduce == "kv":
+            return [Part(name, "kv") for name in site.attentions]
+        return super().parts(site, config)

@@ -16,25 +16,91 @@ A main layer is an ``image_first`` single-stream site: its matching is taken on 
 The block's modulation is per batch element, not per token: it needs nothing. The refiners stay unpatched (they
 run once each, on the image or the caption alone).
 
+With ``reduce="kv"`` a main layer's ``attention`` keeps every query (image and the rest) and takes its keys and
+values from ``[reduced image tokens, rest]`` (:func:`zimage_attention`, run by
+:class:`~tofu_sd.joint_kv.JointKeyValueHook` as ``ZSingleStreamAttnProcessor`` computes it): each query rotated with
+its own ``freqs_cis`` row, each reduced key with its slot's (a merged group: its destination's), the rest's keys
+with their own; proportional attention's ``log(size)`` on the reduced keys and the key mask kept on the rest (a
+reduced key's mask entry made from its group's, :func:`~tofu_sd.joint_kv.grouped_key_bias`; the model never masks
+an image token, so it is ``log(size)``).
+
 Refused: Z-Image-Omni's nested list inputs (condition images and SigLIP features before and after the image, with
-a modulation per token), latents of different sizes in one batch, and more than one latent frame, each at the call;
-``reduce="kv"`` (the attention takes queries, keys and values from one sequence). The default schedule, ``M`` in
-every block, is provisional: no Z-Image weights were analysed (``tofu-sd analyze``).
+a modulation per token), latents of different sizes in one batch, and more than one latent frame, each at the call.
+The default schedule, ``M`` in every block, is provisional: no Z-Image weights were analysed (``tofu-sd analyze``).
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock, ZSingleStreamAttnProcessor
 
 from ..arguments import argument
-from .base import Family, Site
+from ..config import TokenFusionConfig
+from ..joint_kv import JointAttention, additive_mask, grouped_key_bias
+from ..merge import Matching, log_size_bias, reduce_tokens
+from ..reducing import gather_positions, kept_positions
+from .base import Family, Part, Site
 
 OMNI_REFUSAL = (
     "Token Fusion on a ZImageTransformer2DModel does not support Z-Image-Omni's nested list inputs (condition "
     "images and SigLIP features around the image, their modulation per token): only a flat list of latents, one "
     "per batch element, as ZImagePipeline passes them. tofu_sd.remove(pipe) to run this model."
 )
+
+
+def rotate_complex_rows(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Queries or keys ``x`` ``(B, S, heads, D)`` turned pair by pair by ``freqs`` ``(B, S, D / 2)`` (unit complex
+    numbers, one row per token), in float32, as ``ZSingleStreamAttnProcessor`` rotates them."""
+    with torch.amp.autocast("cuda", enabled=False):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+
+def leading_key_bias(m: Matching, rest: int, dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
+    """The logit bias of the keys ``[reduced image, rest]``, ``(B, 1, 1, N - r + rest)`` in ``dtype``: the reduced
+    keys' ``log(size)``, 0 on the rest; with a key mask ``(B, N + rest)`` (boolean or additive), its columns of the
+    rest and the image's grouped (:func:`~tofu_sd.joint_kv.grouped_key_bias`)."""
+    if mask is None:
+        image = log_size_bias(m, dtype)
+        return torch.cat([image, image.new_zeros(m.batch, 1, rest)], dim=-1).unsqueeze(1)
+    bias = additive_mask(mask, torch.promote_types(dtype, torch.float32))[:, None, None, :]
+    image = grouped_key_bias(bias[..., : m.num_tokens], m)
+    return torch.cat([image, bias[..., m.num_tokens :]], dim=-1).to(dtype)
+
+
+def zimage_fits(text, emb, m: Matching, text_len: int, extras: dict) -> bool:
+    """A call :func:`zimage_attention` mirrors: no ``encoder_hidden_states``, ``freqs_cis`` none or one row per
+    batch element and token, a key mask none or ``(B, S)``."""
+    shape, mask = (m.batch, m.num_tokens + text_len), extras.get("attention_mask")
+    if text is not None or (emb is not None and (emb.ndim != 3 or tuple(emb.shape[:2]) != shape)):
+        return False
+    return mask is None or (mask.ndim == 2 and tuple(mask.shape) == shape)
+
+
+def zimage_attention(attn, x, text, emb, m: Matching, mode: str, text_len: int = 0, attention_mask=None):
+    """``ZSingleStreamAttnProcessor`` on ``x`` = ``[image, rest]`` (``text_len``: the rest's length, the tokens
+    after the image) with the keys and values of ``[image reduced by m and mode, rest]``: every query as the
+    processor computes it, each reduced key rotated with its slot's ``freqs_cis`` row (:func:`kept_positions`),
+    the rest's keys with their own; :func:`leading_key_bias` through the processor's backend (which must take an
+    additive mask: the native ones do). The rest's keys are projected in one call with the reduced image tokens
+    (the same arithmetic per row; a BLAS may still round a product of fewer rows differently)."""
+    keys = torch.cat([reduce_tokens(x[:, : m.num_tokens], m, mode), x[:, m.num_tokens :]], dim=1)
+    query = attn.to_q(x).unflatten(-1, (attn.heads, -1))
+    key = attn.to_k(keys).unflatten(-1, (attn.heads, -1))
+    value = attn.to_v(keys).unflatten(-1, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if emb is not None:
+        query = rotate_complex_rows(query, emb)
+        key = rotate_complex_rows(key, gather_positions(emb, kept_positions(m, 0, text_len)))
+    bias = leading_key_bias(m, text_len, query.dtype, attention_mask)
+    backend = getattr(attn.processor, "_attention_backend", None)  # set by the model's set_attention_backend
+    out = dispatch_attention_fn(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False, backend=backend)
+    out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+    return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
 
 class ZImageFamily(Family):
@@ -48,9 +114,9 @@ class ZImageFamily(Family):
     timestep_index = 1
     timestep_scale = 1000.0  # the model embeds `t * t_scale` (1000 by default)
     token_rotary = "freqs_cis"
-    key_value_refusal = (
-        "its attention computes queries, keys and values from one padded [image, caption] sequence, so Token "
-        "Fusion would have to run it itself with the reduced image keys (not written yet)"
+    key_value_refusal = None
+    joint_attention = JointAttention(
+        ZSingleStreamAttnProcessor, zimage_attention, rotary_argument="freqs_cis", fits=zimage_fits, mask=True
     )
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
@@ -59,6 +125,13 @@ class ZImageFamily(Family):
             for i, block in enumerate(model.layers)
             if isinstance(block, ZImageTransformerBlock)
         ]
+
+    def parts(self, site: Site, config: TokenFusionConfig) -> list[Part]:
+        """Each main layer's ``attention``: with ``reduce="kv"`` a key-value part (its
+        :class:`~tofu_sd.joint_kv.JointKeyValueHook` finds the rest after the image)."""
+        if config.reduce == "kv":
+            return [Part(name, "kv") for name in site.attentions]
+        return super().parts(site, config)
 
     def timestep(self, args: tuple, kwargs: dict):
         """The call's ``t`` (Z-Image's name for the timestep), scaled as the model scales it."""
