@@ -14,9 +14,10 @@ from .linearity import FUNCTIONS, TIMESTEP_GROUPS
 
 def short_name(name: str) -> str:
     """``down_blocks.0.attentions.1.transformer_blocks.0`` -> ``down0.1.0`` (``mid.0.0`` for the mid block); a
-    diffusion transformer's ``transformer_blocks.3`` -> ``b3``, Flux's ``single_transformer_blocks.0`` -> ``s0``."""
+    diffusion transformer's ``transformer_blocks.3`` (Wan's ``blocks.3``) -> ``b3``, Flux's
+    ``single_transformer_blocks.0`` -> ``s0``."""
     parts = name.split(".")
-    if len(parts) == 2 and parts[0] in ("transformer_blocks", "single_transformer_blocks"):
+    if len(parts) == 2 and parts[0] in ("transformer_blocks", "single_transformer_blocks", "blocks"):
         return f"{'s' if parts[0].startswith('single') else 'b'}{parts[1]}"
     if parts[0] == "mid_block":
         return f"mid.{parts[2]}.{parts[4]}"

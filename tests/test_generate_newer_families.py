@@ -2,7 +2,10 @@
 Flux2Pipeline, SanaPipeline, WanPipeline) given as ``--model <folder>``: the images of full and tofu (a video's
 frames and its middle frame for Wan), each family's call arguments checked against a direct pipeline call with the
 same seeds, U-Net-only methods, methods the family cannot run and bad ``--frames`` refused before anything is
-written, and ``analyze`` refused clearly where its probes do not know the blocks."""
+written; ``analyze`` runs on the Qwen-Image and Wan folders and is refused clearly where its probes do not know the
+blocks (FLUX.2, Sana)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -92,12 +95,12 @@ def test_unet_only_methods_are_refused_before_anything_is_written(family, method
 
 def test_methods_the_family_cannot_run_are_refused_before_anything_is_written(folders, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(generate_args(folders["Flux2"], out, "Flux2", "full,tofu-kv")) == 2  # FLUX.2 has no reduce="kv"
-    assert "method tofu-kv cannot run on --model" in capsys.readouterr().err
+    assert main(generate_args(folders["Flux2"], out, "Flux2", "full,tofu+ff")) == 2  # modules: U-Nets only
+    assert "method tofu+ff cannot run on --model" in capsys.readouterr().err
     assert not out.exists()
 
 
-@pytest.mark.parametrize("family", ["QwenImage", "Sana", "Wan"])
+@pytest.mark.parametrize("family", ["QwenImage", "Flux2", "Sana", "Wan"])
 def test_tofu_kv_runs_where_the_family_has_reduce_kv(family, folders, tmp_path):
     out = tmp_path / "run"
     assert main(generate_args(folders[family], out, family, "full,tofu-kv")) == 0
@@ -124,15 +127,27 @@ def test_bad_frames_are_refused_before_anything_is_written(family, frames, messa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("family,model", [("QwenImage", "QwenImageTransformer2DModel (Qwen-Image)"),
-                                          ("Flux2", "Flux2Transformer2DModel (FLUX.2)"),
-                                          ("Sana", "SanaTransformer2DModel (Sana)"), ("Wan", "WanTransformer3DModel (Wan)")])
+def _analyze_args(family: str, folder, out) -> list[str]:
+    frames = ["--frames", str(FRAMES)] if family == "Wan" else []
+    return ["analyze", "--model", str(folder), "--out", str(out), "--classes", "0", "--steps", "1",
+            "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--quiet", *frames]  # fmt: skip
+
+
+@pytest.mark.parametrize("family,model", [("Flux2", "Flux2Transformer2DModel (FLUX.2)"),
+                                          ("Sana", "SanaTransformer2DModel (Sana)")])  # fmt: skip
 def test_analyze_refuses_the_families_its_probes_do_not_know(family, model, folders, tmp_path, capsys):
     out = tmp_path / "fl"
-    frames = ["--frames", str(FRAMES)] if family == "Wan" else []
-    args = ["analyze", "--model", str(folders[family]), "--out", str(out), "--classes", "0", "--steps", "1",
-            "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--quiet", *frames]  # fmt: skip
-    assert main(args) == 2
+    assert main(_analyze_args(family, folders[family], out)) == 2
     err = capsys.readouterr().err
     assert f"its probes do not know the blocks of a {model}" in err and "is provisional" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["QwenImage", "Wan"])
+def test_analyze_runs_on_a_saved_pipeline_folder(family, folders, tmp_path):
+    """The command end to end on a local folder (tests/test_analyze_families.py checks the measurement)."""
+    out = tmp_path / "fl"
+    assert main(_analyze_args(family, folders[family], out)) == 0
+    result = json.loads((out / "fl.json").read_text())
+    assert result["blocks"] and all(block["proposed_letter"] in "PM" for block in result["blocks"])
+    assert len(result["proposed_schedule"]) == len(result["blocks"])

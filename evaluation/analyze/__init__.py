@@ -26,8 +26,9 @@ the pairs from tofu_sd's own ``MatchingHook`` on the block's image tokens, and
   as the query (``to_q``, ``norm_q``), keys and values from the call's real image *and text* tokens, fixed
   (:func:`~evaluation.linearity.joint_query_attention`; PixArt, whose text is cross-attention, as on a U-Net).
   Flux's rotary positions: the interpolated token takes the pair's *destination*'s, as a merged group does in
-  ``tofu_sd`` (so ``f(X2)`` is the destination's real output, and the path is along features only);
-- ``feed_forward``: the block's ``ff`` on the image tokens (Flux's single-stream blocks: ``act_mlp(proj_mlp(.))``
+  ``tofu_sd`` (so ``f(X2)`` is the destination's real output, and the path is along features only); Qwen-Image's
+  ``attn`` and Wan's ``attn1`` likewise, as their own processors compute them (:mod:`.dit_families`);
+- ``feed_forward``: the block's ``ff`` on the image tokens (Qwen-Image's ``img_mlp``, Wan's ``ffn``; Flux's single-stream blocks: ``act_mlp(proj_mlp(.))``
   on the image part of their ``[text, image]`` sequence);
 
 and the fallback of unmeasured blocks is :meth:`tofu_sd.Family.default_schedule`.

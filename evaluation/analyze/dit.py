@@ -1,6 +1,7 @@
-"""Measuring on a diffusion transformer (SD3 / SD3.5, PixArt, Flux), with forward pre-hooks: the blocks
-``tofu_sd.apply`` patches (``reduction.blocks``, or all of them), the timestep and grid of each model call through
-tofu_sd's own hooks and the family adapter, and a probe per block at each attention it reduces around and at its feed-forward."""
+"""Measuring on a diffusion transformer (SD3 / SD3.5, PixArt, Flux; Qwen-Image and Wan with the probes of
+:mod:`.dit_families`), with forward pre-hooks: the blocks ``tofu_sd.apply`` patches (``reduction.blocks``, or all
+of them), the timestep and grid of each model call through tofu_sd's own hooks and the family adapter, and a probe
+per block at each attention it reduces around and at its feed-forward."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tofu_sd.state import BlockState, CallState, GridState
 from ..errors import EvaluationError
 from ..linearity import joint_query_attention, timestep_group
 from .config import AnalyzeConfig
+from .dit_families import FAMILY_PROBES, UNPROBED
 from .measurement import check_unreduced, image_size, method_description, recorded, result, train_timesteps
 from .probe import BlockProbe, block_result
 
@@ -102,6 +104,13 @@ class DiTProbe(BlockProbe):
         self._record("self_attention", f, x[:, text:])
         return None
 
+    def on_family_attention(self, module, args, kwargs):
+        """A reduced attention of a family of :data:`~.dit_families.FAMILY_PROBES`: its probe reads the call."""
+        measured = None if self.pairs is None else self.run.family.measured(module, args, kwargs, self.pairs[1])
+        if measured is not None and self._measurable(measured[1], self.tokens):
+            self._record("self_attention", *measured)
+        return None
+
     def on_single_mlp(self, module, args, kwargs):
         """A Flux single-stream block's ``proj_mlp``: its MLP branch ``act_mlp(proj_mlp(.))`` on the image part."""
         x, text = (args[0] if args else kwargs.get("input")), self.text_len
@@ -119,7 +128,8 @@ class DiTRecorder:
     def __init__(self, model: torch.nn.Module, arch: Family, sites: list, config: AnalyzeConfig,
                  reduction: TokenFusionConfig, num_train: int):  # fmt: skip
         self.config, self.num_train, self.arch = config, num_train, arch
-        self.call = CallState(reduction, len(sites))
+        self.family = FAMILY_PROBES.get(arch.name)
+        self.call = CallState(replace(reduction, st=arch.frames_per_cell(reduction)), len(sites))  # Wan: st 2
         self.model_state = GridState()
         self.group = "early"
         self.handles = [
@@ -136,6 +146,9 @@ class DiTRecorder:
             self.handles.append(block.register_forward_pre_hook(probe.on_block, with_kwargs=True))
             if site.single_stream:
                 pre = [(block.attn, probe.on_single_attention), (block.proj_mlp, probe.on_single_mlp)]
+            elif self.family is not None:
+                pre = [(getattr(block, part), probe.on_family_attention) for part in site.attentions]
+                pre.append((block.get_submodule(self.family.feed_forward), probe.on_ff))
             else:
                 on_attention = probe.on_attn1 if arch.name == "PixArt" else probe.on_image_attention
                 pre = [(getattr(block, part), on_attention) for part in site.attentions] + [(block.ff, probe.on_ff)]
@@ -176,6 +189,7 @@ def dit_sites(model: torch.nn.Module, arch: Family, config: AnalyzeConfig):
     if config.all_blocks:
         return sites, None
     try:
+        arch.frames_per_cell(config.reduction)  # an st the family refuses
         return arch.select(sites, config.reduction), config.reduction.blocks
     except ValueError as error:
         raise EvaluationError(str(error)) from error
@@ -184,7 +198,10 @@ def dit_sites(model: torch.nn.Module, arch: Family, config: AnalyzeConfig):
 
 def dit_method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: int, arch: Family) -> dict:
     method = method_description(config, reduction, num_train)
-    if arch.name == "PixArt":
+    family = FAMILY_PROBES.get(arch.name)
+    if family is not None:
+        attention, feed_forward = family.attention_text, family.feed_forward_text
+    elif arch.name == "PixArt":
         attention = "attn1 with the interpolated token as query; keys and values: the call's full attn1 input, fixed"
     else:
         attention = (
@@ -193,7 +210,8 @@ def dit_method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: i
             "tokens and text tokens, fixed"
             + ("; the query rotated at the pair's destination's position" if arch.rotary_norms else "")
         )
-    feed_forward = "ff on the interpolated ff input (image tokens)"
+    if family is None:
+        feed_forward = "ff on the interpolated ff input (image tokens)"
     if arch.name == "Flux":
         feed_forward += "; single-stream blocks: act_mlp(proj_mlp(.)) on the image part"
     method["functions"] = {"self_attention": attention, "feed_forward": feed_forward}
@@ -203,18 +221,20 @@ def dit_method(config: AnalyzeConfig, reduction: TokenFusionConfig, num_train: i
 
 
 #: The families whose blocks the probes know (their attentions, feed-forwards and rotary positions).
-ANALYZED_FAMILIES = ("SD3", "PixArt", "Flux")
+ANALYZED_FAMILIES = ("SD3", "PixArt", "Flux", *FAMILY_PROBES)
 
 
 def check_analyzable(arch: Family, model: torch.nn.Module) -> None:
     """EvaluationError, before anything is measured or written, for a family whose blocks the probes do not know
-    (Qwen-Image's img_mlp and complex rotary, FLUX.2's fused single-stream blocks, Sana's linear attention and
-    convolutional feed-forward, Wan's 3-D rotary and ffn): there, tofu_sd's default schedule is provisional."""
+    (FLUX.2, Chroma, Z-Image, Sana: :data:`~.dit_families.UNPROBED` says why): there, tofu_sd's default schedule is
+    provisional."""
     if arch.name not in ANALYZED_FAMILIES:
         raise EvaluationError(
             f"analyze measures functional linearity on the blocks of {', '.join(ANALYZED_FAMILIES)} transformers and "
-            f"U-Nets; its probes do not know the blocks of a {type(model).__name__} ({arch.name}), so nothing was "
-            f"measured or written. tofu_sd's default schedule there ({''.join(arch.default_schedule(arch.sites(model)))}) "
+            f"U-Nets; its probes do not know the blocks of a {type(model).__name__} ({arch.name})"
+            + (f" ({UNPROBED[arch.name]})" if arch.name in UNPROBED else "")
+            + ", so nothing was measured or written. tofu_sd's default schedule there "
+            f"({''.join(arch.default_schedule(arch.sites(model)))}) "
             "is provisional, not measured; give --schedule to tofu-sd generate to compare others"
         )
 
