@@ -1,8 +1,10 @@
 """Compare each method's images with the reference method's (same seeds): FID, LPIPS, MS-SSIM, with the built-in
-model's classifier prompt accuracy and classifier FD, time, memory, and the cost axis of the Pareto plot."""
+model's classifier prompt accuracy and classifier FD, time, memory, and the cost axis of the Pareto plot; for a video
+run, also each video's MS-SSIM and LPIPS frame by frame (:mod:`evaluation.frames`)."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .block_cost import dit_cost, is_transformer_bench
 from .errors import EvaluationError, MetricUnavailable
+from .frames import FRAME_METRICS, frame_counts, frame_files, has_frames
 from .manifest import load_manifest
 from .methods.names import method_of
 from .methods.registry import REFERENCE, REGISTRY
@@ -165,6 +168,37 @@ def _compare(run_dir, options, method, names, size, models) -> tuple[dict, int, 
     return entry, n, ms_ssim.scales, per_pair
 
 
+def _frame_scores(run_dir: Path, options: EvaluateOptions, method: str, names: list[str], size, models) -> tuple[dict, dict]:
+    """The video metrics of one method (:data:`~evaluation.frames.FRAME_METRICS`: MS-SSIM and LPIPS of every frame
+    against the reference's same-seed video, averaged over the video's frames, so that a video is one pair of the
+    paired test): their mean and standard deviation over the videos ``names``, and the per-video scores."""
+    has_lpips = "lpips" in models
+    if method == options.reference:  # trivial by definition, as for the images
+        return {"ms_ssim_frames": 1.0, "ms_ssim_frames_std": 0.0, "lpips_frames": 0.0 if has_lpips else None,
+                "lpips_frames_std": 0.0 if has_lpips else None}, {}  # fmt: skip
+    per_video: dict[str, list[float]] = {key: [] for key in FRAME_METRICS if has_lpips or key != "lpips_frames"}
+    for name in names:
+        frames = [str(p.relative_to(run_dir / method)) for p in frame_files(run_dir, method, name)]
+        metrics = {"ms_ssim_frames": PairwiseMSSSIM()}
+        if has_lpips:
+            metrics["lpips_frames"] = PairwiseLPIPS(models["lpips"])
+        pairs = zip(
+            _batches(run_dir, options.reference, frames, options.batch_size, size),
+            _batches(run_dir, method, frames, options.batch_size, size),
+        )
+        for ref_batch, batch in pairs:
+            for metric in metrics.values():
+                metric.update(batch, ref_batch)
+        for key, metric in metrics.items():
+            per_video[key].append(metric.compute()[0])
+    entry = {}
+    for key in FRAME_METRICS:
+        values = per_video.get(key)
+        entry[key] = statistics.fmean(values) if values else None
+        entry[f"{key}_std"] = statistics.pstdev(values) if values else None
+    return entry, per_video
+
+
 def _load_models(options: EvaluateOptions, prompt_set: str, n_images: int, device) -> tuple[dict, dict[str, str]]:
     """The metric networks that can be had, and for each metric that cannot, why."""
     unavailable: dict[str, str] = {}
@@ -273,6 +307,8 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
     manifest = load_manifest(run_dir)
     cost = _cost(options, manifest, methods)
     extra = _extra_pairs(options, chosen)  # checked before any metric is computed
+    video = has_frames(run_dir, methods)  # a video run: its frame counts are checked before any metric too
+    counts = frame_counts(run_dir, options.reference, chosen.pairs) if video else None
     device = resolve_device(options.device)
     ref_names = chosen.pairs[options.reference]
     size = tuple(load_image(run_dir / options.reference / ref_names[0]).shape[-2:])
@@ -291,10 +327,16 @@ def evaluate(run_dir: str | Path, options: EvaluateOptions) -> dict:
         if fd is not None and len(names) < len(ref_names):  # a partial method: the reference images of its pairs
             own_fd = _reference_features(run_dir, names, options, models["prompt_accuracy"]) if len(names) > 1 else None
         entry, per_pair[method], scales, n = _score_method(run_dir, options, method, names, size, models, own_fd)
+        if video:
+            frame_entry, frame_pairs = _frame_scores(run_dir, options, method, names, size, models)
+            entry.update(frame_entry)
+            per_pair[method].update(frame_pairs)
         ms_ssim_scales = scales or ms_ssim_scales
         results[method] = {**entry, **_timing(manifest["methods"].get(method, {})), "n_images": n}
 
     config = _report_config(manifest, methods, options, prompt_set, ms_ssim_scales)
+    if video:
+        config["frames_per_video"] = sorted(set(counts.values()))
     report = {"methods": results, "config": config, "unavailable": unavailable, "selection": chosen.describe(),
               "names": _grid_names(chosen)}  # fmt: skip
     report["pareto"] = pareto_data(report, cost)

@@ -16,8 +16,10 @@ from .errors import EvaluationError
 from .methods.names import parse_name
 
 #: Per-pair metrics: key, label, True if higher is better. Set-level metrics (FID, the classifier FD) have no
-#: per-pair value and are not compared here.
-METRICS = (("ms_ssim", "MS-SSIM", True), ("lpips", "LPIPS", False), ("prompt_accuracy", "prompt hit", True))
+#: per-pair value and are not compared here. A video run's ``*_frames`` scores are one per video (its mean over
+#: frames), so a video is one pair.
+METRICS = (("ms_ssim", "MS-SSIM", True), ("lpips", "LPIPS", False), ("ms_ssim_frames", "MS-SSIM (all frames)", True),
+           ("lpips_frames", "LPIPS (all frames)", False), ("prompt_accuracy", "prompt hit", True))  # fmt: skip
 #: |z| at or above this counts as a clear difference (about 95% two-sided under a normal approximation).
 Z_CLEAR = 2.0
 
@@ -145,4 +147,9 @@ def markdown_lines(comparisons: list[dict]) -> list[str]:
         "within the same ratio, on the images both have (pairs). FID and the classifier FD compare whole image "
         "sets and have no per-pair value, so they are not in this test.",
     ]
+    if any(c["metric"].endswith("_frames") for c in comparisons):
+        lines[-1] += (
+            " MS-SSIM and LPIPS (all frames): one pair per video, each score the mean over the video's frames of "
+            "the metric against the reference's same-seed frame; the other metrics compare the videos' middle frames."
+        )
     return lines

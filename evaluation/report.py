@@ -71,7 +71,8 @@ def _table(methods: dict, ref: dict, partial: dict | None = None) -> list[str]:
 
 def _is_dit(config: dict) -> bool:
     """Whether the run's model is a diffusion transformer (its pipeline class is not a U-Net pipeline's)."""
-    return any(n in str(config.get("model_class") or "") for n in ("StableDiffusion3", "Flux", "PixArt"))
+    names = ("StableDiffusion3", "Flux", "PixArt", "Chroma", "QwenImage", "ZImage", "Sana", "Wan")
+    return any(n in str(config.get("model_class") or "") for n in names)
 
 
 def _default_schedule(config: dict) -> str:
@@ -119,6 +120,36 @@ def _notes(config: dict, methods: dict) -> list[str]:
     return lines
 
 
+def _video_lines(config: dict, methods: dict) -> list[str]:
+    """A video run's section: each method's MS-SSIM and LPIPS over every frame of its videos beside those of the
+    middle frames (nothing for an image run)."""
+    if not any("ms_ssim_frames" in m for m in methods.values()):
+        return []
+
+    def cell(m: dict, key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.4f} ± {m[f'{key}_std']:.4f}"
+
+    counts = ", ".join(map(str, config.get("frames_per_video") or [])) or "?"
+    lines = [
+        "",
+        f"## Whole videos, frame by frame ({counts} frames per video)",
+        "",
+        "| Method | LPIPS, all frames ↓ | MS-SSIM, all frames ↑ | LPIPS, middle frame ↓ | MS-SSIM, middle frame ↑ |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        cells = (cell(m, "lpips_frames"), cell(m, "ms_ssim_frames"), cell(m, "lpips"), cell(m, "ms_ssim"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        (
+            "All frames: a video's score is the mean over its frames of the metric against the reference's frame "
+            "of the same index and seed, one score per video; ± is the standard deviation over videos. The table "
+            "above (FID, the classifier metrics) compares the middle frames only; FID over all frames is not computed."
+        ),
+    ]
+
+
 def _note(name: str) -> str | None:
     """The report's note on the method of ``name`` (:attr:`~evaluation.methods.base.Method.report_note`)."""
     entry = REGISTRY.get(method_of(name))
@@ -131,7 +162,7 @@ def markdown(report: dict) -> str:
     ref = methods[config["reference"]]
     selection = report.get("selection") or {}
     lines = _header(config, ref) + _selection_lines(selection, config["reference"])
-    lines += _table(methods, ref, selection.get("partial")) + _notes(config, methods)
+    lines += _table(methods, ref, selection.get("partial")) + _notes(config, methods) + _video_lines(config, methods)
     lines += _pareto_lines(report.get("pareto"), config["reference"])
     lines += paired_markdown(report.get("paired") or [])
     names = {"fid": "FID", "lpips": "LPIPS", "prompt_accuracy": "Prompt accuracy", "fd_classifier": "Classifier FD"}

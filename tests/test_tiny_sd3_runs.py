@@ -241,6 +241,9 @@ def test_report_notes_name_the_defaults_of_the_backbone():
     assert "default (P down, M up)" in unet and "max_downsample 1" in unet and "blocks" not in unet
     chosen = " ".join(_notes({"model_class": "FluxPipeline", "reduction": {**reduction, "blocks": "0-3", "schedule": "PM"}}, {}))
     assert "schedule PM" in chosen and "blocks 0-3" in chosen
+    for pipeline in ("WanPipeline", "QwenImagePipeline", "SanaPipeline", "ChromaPipeline", "ZImagePipeline", "Flux2Pipeline"):
+        notes = " ".join(_notes({"model_class": pipeline, "reduction": reduction}, {}))
+        assert "blocks all" in notes and "max_downsample" not in notes, pipeline
 
 
 def _edit_manifest(out, change):
