@@ -118,7 +118,7 @@ def test_joint_query_attention_gives_each_image_token_its_own_output():
 # --- the probes: pairs as apply's, functions as the blocks' ------------------------------------------------------
 
 
-def _probe_call(model, inputs, max_pairs=1000):
+def probe_call(model, inputs, max_pairs=1000):
     """One call of ``model`` under the analysis' hooks: per block, its pairs and what each function recorded,
     ``(function, f, z)``; the FL recording itself is left out."""
     arch = family_of(model)
@@ -144,7 +144,7 @@ def test_pairs_are_apply_s_and_functions_are_the_blocks_own(build):
     else:
         model = tiny_sd3(num_layers=3, dual_attention_layers=(0,) if build == "sd35" else ())
         inputs = sd3_inputs(model, timestep=700.0)
-    calls, _ = _probe_call(model, inputs)
+    calls, _ = probe_call(model, inputs)
     # The pairs: every pair that tofu_sd.apply (default options) merges in the same call, most similar first; each
     # block of the patched model is given the input it has in the unpatched one, as the analysis sees it.
     blocks = {name: model.get_submodule(name) for name in calls}

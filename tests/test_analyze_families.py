@@ -9,17 +9,17 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_analyze_dit import probe_call
 from test_dit_common import capturing_matchings, qwenimage_inputs, recording, tiny_qwenimage
 from test_dit_wan import tiny_wan, wan_inputs
 
 import tofu_sd
 from evaluation.analyze import AnalyzeConfig, analyze, matched_pairs
-from evaluation.analyze.dit import DiTRecorder, check_analyzable
+from evaluation.analyze.dit import check_analyzable
 from evaluation.errors import EvaluationError
 from evaluation.linearity import FUNCTIONS, TIMESTEP_GROUPS, timestep_group
 from evaluation.linearity_plot import short_name
 from evaluation.tiny_pipelines import qwenimage_pipeline, wan_pipeline
-from tofu_sd import TokenFusionConfig
 from tofu_sd.families import family_of
 
 pytest.importorskip("diffusers", minversion="0.42.1")  # the processors the probes mirror
@@ -28,23 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest
 
 def _take(x, pos):
     return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _probe_call(model, inputs):
-    """One call of ``model`` under the analysis' hooks: per block, ``(function, f, z, pairs)`` of each recording."""
-    arch = family_of(model)
-    sites = arch.sites(model)
-    config = AnalyzeConfig(out="unused", model="tiny-random", classes=[0], steps=1, max_pairs=1000)
-    recorder = DiTRecorder(model, arch, sites, config, TokenFusionConfig(), 1000)
-    calls = {site.name: [] for site in sites}
-    for probe in recorder.probes:
-        probe._record = lambda function, f, z, probe=probe: calls[probe.site.name].append((function, f, z, probe.pairs))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        recorder.close()
-    return calls
 
 
 CASES = {
@@ -62,7 +45,7 @@ def test_functions_at_the_destination_are_the_blocks_own_outputs(case):
     build, make_inputs, attention, feed_forward = CASES[case]
     model = build()
     inputs = make_inputs(model)
-    calls = _probe_call(model, inputs)
+    calls, _ = probe_call(model, inputs)
     sites = family_of(model).sites(model)
     modules = {}
     for site in sites:
@@ -92,7 +75,7 @@ def test_pairs_are_those_apply_merges(case):
     build, make_inputs, *_ = CASES[case]
     model = build()
     inputs = make_inputs(model)
-    calls = _probe_call(model, inputs)
+    calls, _ = probe_call(model, inputs)
     blocks = {name: model.get_submodule(name) for name in calls}
     with recording(blocks) as given, torch.no_grad():
         model(**inputs)
