@@ -97,12 +97,12 @@ MACHINE = (
 
 RUN = (
     "Run: {steps:,} steps x {batch} = {samples:,} samples ({epochs:.1f} epochs), {train_min:.0f} minutes of training "
-    "({step_s:.2f} s a step on average), plus {latents_s:.0f} s encoding the pictures; final loss (mean of the last "
+    "({step_s:.2f} s a step on average), {latents}; final loss (mean of the last "
     "100 steps) {final_loss:.4f}. {machine}"
 )
 STAGE = (
     "{label}: {steps:,} steps x {batch} ({minutes:.0f} minutes, learning rate {lr:g} decayed over {budget:g} minutes, "
-    "{origin}{target}), final loss {loss:.4f}, prompt accuracy {acc}."
+    "{origin}{target}), final loss {loss:.4f}{versus}, prompt accuracy {acc}."
 )
 
 
@@ -129,6 +129,8 @@ def _stage_line(index: int, stage: dict) -> str:
         target=(f"; target: the `tiny` U-Net's estimate of `noise - x_0` (`--teacher`, weight {c.get('teacher_weight', 1.0):g})"
                 if teacher else "; target: the drawn `noise - x_0`"),
         acc="not measured" if q is None else f"{q:.1%}",
+        versus=" (against the teacher's target, which has far less variance: not comparable with the drawn target's)"
+        if teacher else "",
     )  # fmt: skip
 
 
@@ -171,7 +173,8 @@ def render(info: dict, size_bytes: int, machine: str = MACHINE) -> str:
     run = dict(
         steps=steps, batch=c["batch"], samples=steps * c["batch"], epochs=steps * c["batch"] / c["images"],
         train_min=seconds["transformer"] / 60, step_s=seconds["transformer"] / max(1, steps),
-        latents_s=seconds.get("latents", 0.0), final_loss=info["final_loss_mean_last_100"] or float("nan"),
+        latents=f"plus {seconds['latents']:.0f} s encoding the pictures" if seconds.get("latents")
+        else "the pictures' latents reused from an earlier run's work folder", final_loss=info["final_loss_mean_last_100"] or float("nan"),
         machine=machine.format(torch=info["torch"], diffusers=diffusers.__version__),
     )  # fmt: skip
     return CARD.format(
