@@ -26,10 +26,21 @@ from ..families import transformer_and_family
 from .strided import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
 
 
+#: The families whose attention calls the oracle's hooks know (a Qwen-Image slice crashed in its rotary table).
+ORACLE_FAMILIES = ("SD3", "PixArt", "Flux")
+
+
 def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[Site]:
     """The blocks that ``tofu_sd.apply`` patches on ``model`` with ``options.blocks`` (every block by default);
     ValueError, as ``apply``'s, for ``max_downsample`` (a U-Net's option) or blocks out of range."""
     arch = transformer_and_family(model)[1]
+    if arch.name not in ORACLE_FAMILIES:
+        raise ValueError(
+            f"the oracle on diffusion transformers subsets the attention inputs and rotary tables as "
+            f"{', '.join(ORACLE_FAMILIES)} models lay them out; a {arch.name} transformer lays out its positions "
+            "otherwise (Qwen-Image: separate image and text tables; Wan: per-frame tables over the sequence "
+            "dimension), and its oracle is not written yet: leave `oracle` out of --variants"
+        )
     if options.max_downsample != 1:
         raise ValueError(
             f"max_downsample={options.max_downsample} only means something for U-Nets; a {arch.name} transformer "
