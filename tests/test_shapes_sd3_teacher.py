@@ -6,20 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.shapes import MODEL_DIR
 from evaluation.shapes_sd3.teacher import UNetTeacher, alphas_cumprod, ddpm_match
+
+TABLE = alphas_cumprod(MODEL_DIR)
 
 
 def test_schedule_is_stable_diffusions_scaled_linear():
-    table = alphas_cumprod()
+    table = TABLE
     betas = 1 - table[1:] / table[:-1]
     assert table.shape == (1000,)
-    assert betas[0] == pytest.approx((np.sqrt(0.00085) + (np.sqrt(0.012) - np.sqrt(0.00085)) / 999) ** 2, rel=1e-9)
-    assert 1 - table[0] == pytest.approx(0.00085, rel=1e-9)
+    # the folder's scheduler computes its table in float32: close to, not equal to, the float64 formula
+    assert betas[0] == pytest.approx((np.sqrt(0.00085) + (np.sqrt(0.012) - np.sqrt(0.00085)) / 999) ** 2, rel=1e-4)
+    assert 1 - table[0] == pytest.approx(0.00085, rel=1e-4)
 
 
 @pytest.mark.parametrize("t", [0, 1, 250, 500, 998, 999])
 def test_flow_sample_is_a_scaled_ddpm_sample_at_the_matching_timestep(t):
-    table = alphas_cumprod()
+    table = TABLE
     a = table[t]
     sigma = np.sqrt(1 - a) / (np.sqrt(a) + np.sqrt(1 - a))  # SNR (1-s)^2/s^2 = a/(1-a)
     scale, timestep, inside = ddpm_match(torch.tensor([sigma]), table)
@@ -34,7 +38,7 @@ def test_flow_sample_is_a_scaled_ddpm_sample_at_the_matching_timestep(t):
 def _oracle_teacher(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> UNetTeacher:
     """A teacher whose U-Net returns the true noise of its DDPM input (the ideal denoiser on these samples)."""
     teacher = UNetTeacher.__new__(UNetTeacher)
-    teacher.table = alphas_cumprod()
+    teacher.table = TABLE
 
     def unet(x_in, t, encoder_hidden_states):
         a = torch.from_numpy(np.interp(t.double().numpy(), np.arange(1000), teacher.table)).float().view(-1, 1, 1, 1)

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 
-def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> np.ndarray:
-    """Stable Diffusion's scaled-linear schedule (the U-Net model's scheduler config)."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
+def alphas_cumprod(folder: Path) -> np.ndarray:
+    """The ``alphas_cumprod`` table of the model in ``folder``, as its own scheduler config makes it (the ``tiny``
+    model: Stable Diffusion's scaled-linear betas)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(Path(folder) / "scheduler").alphas_cumprod.double().numpy()
 
 
 def ddpm_match(sigma: torch.Tensor, table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +49,7 @@ class UNetTeacher:
         folder = Path(folder)
         self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval().requires_grad_(False)
         self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval().requires_grad_(False)
-        self.table = alphas_cumprod()
+        self.table = alphas_cumprod(folder)
 
     @torch.no_grad()
     def target(self, xt: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor, data_target: torch.Tensor) -> torch.Tensor:
