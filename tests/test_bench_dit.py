@@ -140,7 +140,7 @@ def test_rematch_every_on_flux_gives_the_second_call_the_next_timestep():
 # --- the oracle ------------------------------------------------------------------------------------------------
 
 
-def _oracle_blocks(model):
+def oracle_blocks(model):
     """The blocks (``transformer_blocks.3``) with a module that carries one of the oracle's hooks."""
     names = set()
     for name, module in model.named_modules():
@@ -169,7 +169,7 @@ def test_oracle_on_sd3_subsets_the_image_tokens_of_tofus_blocks_only(ratio, bloc
     patched = {b.name for b in tofu_sd.patched_blocks(model)}
     tofu_sd.remove(model)
     with method_applied(model, f"oracle@{ratio}", options), recording(modules) as seen, torch.no_grad():
-        assert _oracle_blocks(model) == patched  # the blocks of tofu_sd.apply, and no other
+        assert oracle_blocks(model) == patched  # the blocks of tofu_sd.apply, and no other
         model(**inputs)
     got = {key: [args[0].shape[1] for args, _ in calls] for key, calls in seen.items()}
     for (i, part), counts in got.items():
@@ -377,9 +377,9 @@ def test_the_oracle_on_the_whole_real_models_at_1024_px(name, text, per_block):
 
 
 @pytest.mark.parametrize("arch", ["qwen-image-slice", "wan-slice-17f"])
-def test_oracle_is_refused_before_timing_on_families_it_does_not_know(arch):
-    """Its hooks subset rotary tables laid out as SD3, PixArt and Flux lay them out; on Qwen-Image's separate image and
-    text tables the slice crashed mid-bench (2026-12-07). Refused on the meta model, and left out of the defaults."""
-    with pytest.raises(EvaluationError, match="its oracle is not written yet"):
-        transformer_variants_checked(arch, ["full", "tofu", "oracle"], 0.5, bench_options(), None)
-    assert "oracle" not in transformer_variants_checked(arch, None, 0.5, bench_options(), None)
+def test_oracle_is_checked_before_timing_on_qwen_image_and_wan(arch):
+    """On Qwen-Image's separate image and text tables the slice once crashed mid-bench (2026-12-07); its oracle and
+    Wan's (:mod:`evaluation.methods.oracle_dit_families`) are now checked on the meta model and in the defaults.
+    The families still refused (FLUX.2, Chroma, Z-Image) have no bench arch: tests/test_oracle_dit_families.py."""
+    assert transformer_variants_checked(arch, ["full", "tofu", "oracle"], 0.5, bench_options(), None)[-1] == "oracle"
+    assert "oracle" in transformer_variants_checked(arch, None, 0.5, bench_options(), None)

@@ -1,4 +1,5 @@
-"""The oracle on diffusion transformers (SD3 / SD3.5, PixArt, Flux): in exactly the blocks that ``tofu_sd.apply``
+"""The oracle on diffusion transformers (SD3 / SD3.5, PixArt, Sana, Flux; Qwen-Image and Wan through
+:mod:`.oracle_dit_families`): in exactly the blocks that ``tofu_sd.apply``
 patches, the attention sees every ``stride``-th image token (:func:`~.strided.oracle_keep`) next to all the text
 tokens, and each kept image token's output is copied to the ``stride - 1`` image tokens after it
 (:func:`~.strided.oracle_spread`); text outputs pass as they are. No similarity, no matching.
@@ -10,6 +11,7 @@ block's hook records the text length, and only the image part is subset. Flux's 
 (text positions, then image positions) is subset alike, text rows then every ``stride``-th image row: the
 subset is the same for every batch element, so the processor rotates the kept tokens at their own positions
 with the one table it takes. A call with an attention mask is left alone (a mask is laid out for every token).
+Sana's ``attn1`` (linear attention, no rotary table) is subset as PixArt's.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from tofu_sd.hooking import register_innermost
 
 from ..families import transformer_and_family
 
+from .oracle_dit_families import IMAGE_TABLES, TableOracleHook, spread_image
 from .strided import ORACLE_HOOK, oracle_keep, oracle_spread, oracle_stride
 
 
-#: The families whose attention calls the oracle's hooks know (a Qwen-Image slice crashed in its rotary table).
-ORACLE_FAMILIES = ("SD3", "PixArt", "Flux")
+#: The families whose attention calls the oracle's hooks know (Qwen-Image and Wan: :data:`IMAGE_TABLES`).
+ORACLE_FAMILIES = ("SD3", "PixArt", "Sana", "Flux", *IMAGE_TABLES)
 
 
 def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[Site]:
@@ -37,9 +40,10 @@ def oracle_sites(model: torch.nn.Module, options: TokenFusionConfig) -> list[Sit
     if arch.name not in ORACLE_FAMILIES:
         raise ValueError(
             f"the oracle on diffusion transformers subsets the attention inputs and rotary tables as "
-            f"{', '.join(ORACLE_FAMILIES)} models lay them out; a {arch.name} transformer lays out its positions "
-            "otherwise (Qwen-Image: separate image and text tables; Wan: per-frame tables over the sequence "
-            "dimension), and its oracle is not written yet: leave `oracle` out of --variants"
+            f"{', '.join(ORACLE_FAMILIES)} models lay them out; a {arch.name} transformer lays them out otherwise "
+            "(FLUX.2 and Chroma join text and image into one sequence before their single-stream blocks; Z-Image "
+            "gives a rotary row per batch element and token of [image, padding, text]), and its oracle is not "
+            "written yet: leave `oracle` out of --variants"
         )
     if options.max_downsample != 1:
         raise ValueError(
@@ -101,11 +105,7 @@ class ImageOracleHook(ModelHook):
         return with_arguments(args, kwargs, values)
 
     def post_forward(self, module, output):
-        if self.n is None:
-            return output
-        if isinstance(output, tuple):
-            return (oracle_spread(output[0], self.stride, self.n), *output[1:])
-        return oracle_spread(output, self.stride, self.n)
+        return output if self.n is None else spread_image(output, self.stride, self.n)
 
 
 class SingleStreamOracleHook(ModelHook):
@@ -137,7 +137,7 @@ class SingleStreamOracleHook(ModelHook):
 
 def register_oracle(model: torch.nn.Module, options: TokenFusionConfig, ratio: float) -> None:
     """Register the oracle's hooks (named :data:`~.strided.ORACLE_HOOK`) on the attentions of :func:`oracle_sites`."""
-    stride = oracle_stride(ratio)
+    stride, table = oracle_stride(ratio), IMAGE_TABLES.get(transformer_and_family(model)[1].name)
     for site in oracle_sites(model, options):
         if site.single_stream:
             text = TextLength()
@@ -145,4 +145,5 @@ def register_oracle(model: torch.nn.Module, options: TokenFusionConfig, ratio: f
             register_innermost(site.block.attn, SingleStreamOracleHook(stride, text), ORACLE_HOOK)
             continue
         for part in site.attentions:
-            register_innermost(getattr(site.block, part), ImageOracleHook(stride), ORACLE_HOOK)
+            hook = ImageOracleHook(stride) if table is None else TableOracleHook(stride, table)
+            register_innermost(getattr(site.block, part), hook, ORACLE_HOOK)
