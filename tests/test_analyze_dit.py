@@ -2,12 +2,12 @@
 models' own attention, the pairs against ``tofu_sd.apply``'s, the analysis of whole pipelines in forward order
 with ``blocks``, proposals on blocks whose linearity is known, refusals, the CLI on ``--model tiny-sd3``."""
 
-import copy
 import json
 import zlib
 
 import pytest
 import torch
+from analyze_probes import Sine, Zero, check_pairs_of_apply, take
 from diffusers import (
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -16,7 +16,6 @@ from diffusers import (
 )
 from PIL import Image
 from test_dit_common import (
-    capturing_matchings,
     flux_inputs,
     recording,
     sd3_inputs,
@@ -28,15 +27,9 @@ from test_tiny_sd3_runs import tiny_sd3_folder, tiny_sd3_pipeline  # noqa: F401 
 
 import tofu_sd
 from evaluation import models
-from evaluation.analyze import (
-    AnalyzeConfig,
-    analyze,
-    matched_pairs,
-)
-from evaluation.analyze.dit import DiTRecorder
+from evaluation.analyze import AnalyzeConfig, analyze
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
-from tofu_sd.families import family_of
 from evaluation.linearity import (
     FUNCTIONS,
     TIMESTEP_GROUPS,
@@ -45,13 +38,9 @@ from evaluation.linearity import (
 )
 from evaluation.linearity_plot import short_name
 from tofu_sd import TokenFusionConfig
-
+from tofu_sd.families import family_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
-
-
-def _take(x, pos):
-    return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 # --- the joint-attention probe is the models' own attention ------------------------------------------------------
@@ -77,11 +66,11 @@ def test_joint_query_attention_gives_each_image_token_its_own_output():
         assert (text is None) == (part == "attn2")
         image_out = output[0] if isinstance(output, tuple) else output
         with torch.no_grad():
-            mine = joint_query_attention(attn, _take(z, idx), z, text)
-        torch.testing.assert_close(mine, _take(image_out, idx), rtol=1e-5, atol=1e-6)
+            mine = joint_query_attention(attn, take(z, idx), z, text)
+        torch.testing.assert_close(mine, take(image_out, idx), rtol=1e-5, atol=1e-6)
         if text is not None:  # the text tokens' keys and values take part
             with torch.no_grad():
-                alone = joint_query_attention(attn, _take(z, idx), z, None)
+                alone = joint_query_attention(attn, take(z, idx), z, None)
             assert not torch.allclose(alone, mine, atol=1e-4)
 
     flux = tiny_flux()
@@ -92,16 +81,16 @@ def test_joint_query_attention_gives_each_image_token_its_own_output():
     kwargs, output = _attention_call(flux, inputs, attn)
     z, text, (cos, sin) = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["image_rotary_emb"]
     small = idx.clamp(max=z.shape[1] - 1)
-    rows = lambda t, pos: _take(t.unsqueeze(0).expand(2, -1, -1), pos + T)
+    rows = lambda t, pos: take(t.unsqueeze(0).expand(2, -1, -1), pos + T)
     with torch.no_grad():
         mine = joint_query_attention(
-            attn, _take(z, small), z, text, query_rotary=(rows(cos, small), rows(sin, small)),
+            attn, take(z, small), z, text, query_rotary=(rows(cos, small), rows(sin, small)),
             context_rotary=(cos[T:], sin[T:]), added_rotary=(cos[:T], sin[:T]),
         )  # fmt: skip
-    torch.testing.assert_close(mine, _take(output[0], small), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine, take(output[0], small), rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # at another position, another output: the rotary embedding matters
         moved = joint_query_attention(
-            attn, _take(z, small), z, text, query_rotary=(rows(cos, small.flip(-1)), rows(sin, small.flip(-1))),
+            attn, take(z, small), z, text, query_rotary=(rows(cos, small.flip(-1)), rows(sin, small.flip(-1))),
             context_rotary=(cos[T:], sin[T:]), added_rotary=(cos[:T], sin[:T]),
         )  # fmt: skip
     assert not torch.allclose(moved, mine, atol=1e-4)
@@ -110,30 +99,12 @@ def test_joint_query_attention_gives_each_image_token_its_own_output():
     kwargs, output = _attention_call(flux, inputs, attn)
     x, (cos, sin) = kwargs["hidden_states"], kwargs["image_rotary_emb"]
     with torch.no_grad():
-        mine = joint_query_attention(attn, _take(x, small + T), x, query_rotary=(rows(cos, small), rows(sin, small)),
+        mine = joint_query_attention(attn, take(x, small + T), x, query_rotary=(rows(cos, small), rows(sin, small)),
                                      context_rotary=(cos, sin), project_out=False)  # fmt: skip
-    torch.testing.assert_close(mine, _take(output, small + T), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine, take(output, small + T), rtol=1e-5, atol=1e-6)
 
 
 # --- the probes: pairs as apply's, functions as the blocks' ------------------------------------------------------
-
-
-def probe_call(model, inputs, max_pairs=1000):
-    """One call of ``model`` under the analysis' hooks: per block, its pairs and what each function recorded,
-    ``(function, f, z)``; the FL recording itself is left out."""
-    arch = family_of(model)
-    sites = arch.sites(model)
-    config = AnalyzeConfig(out="unused", model="tiny-random", classes=[0], steps=1, max_pairs=max_pairs)
-    recorder = DiTRecorder(model, arch, sites, config, TokenFusionConfig(), 1000)
-    calls = {site.name: [] for site in sites}
-    for probe in recorder.probes:
-        probe._record = lambda function, f, z, probe=probe: calls[probe.site.name].append((function, f, z, probe.pairs))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        recorder.close()
-    return calls, recorder
 
 
 @pytest.mark.parametrize("build", ["sd3", "sd35", "flux"])
@@ -144,26 +115,9 @@ def test_pairs_are_apply_s_and_functions_are_the_blocks_own(build):
     else:
         model = tiny_sd3(num_layers=3, dual_attention_layers=(0,) if build == "sd35" else ())
         inputs = sd3_inputs(model, timestep=700.0)
-    calls, _ = probe_call(model, inputs)
-    # The pairs: every pair that tofu_sd.apply (default options) merges in the same call, most similar first; each
-    # block of the patched model is given the input it has in the unpatched one, as the analysis sees it.
-    blocks = {name: model.get_submodule(name) for name in calls}
-    with recording(blocks) as given, torch.no_grad():
-        model(**inputs)
-    patched = tofu_sd.apply(copy.deepcopy(model))
-    handles = []
-    for name in calls:
-        real = {key: value for key, value in given[name][0][1].items() if key in ("hidden_states", "encoder_hidden_states")}
-        replace = lambda module, args, kwargs, real=real: (args, {**kwargs, **real})
-        handles.append(patched.get_submodule(name).register_forward_pre_hook(replace, with_kwargs=True))
-    with capturing_matchings(patched) as used, torch.no_grad():
-        patched(**inputs)
-    for handle in handles:
-        handle.remove()
-    for name, recorded in calls.items():
-        src, dst = matched_pairs(used[name][0])
-        assert recorded and all(torch.equal(p[0], src) and torch.equal(p[1], dst) for *_, p in recorded), name
+    calls = check_pairs_of_apply(model, inputs)  # the pairs: apply's
     # The functions: f at a pair's destination is the block's real output for that token.
+    blocks = {name: model.get_submodule(name) for name in calls}
     modules = {}
     for name, block in blocks.items():
         if hasattr(block, "proj_mlp"):  # Flux single-stream
@@ -189,8 +143,8 @@ def test_pairs_are_apply_s_and_functions_are_the_blocks_own(build):
             if single:
                 real = real[:, 5:]  # the image part of [text, image]
             with torch.no_grad():
-                at_dst = f(_take(z, dst).unsqueeze(2)).squeeze(2)
-            torch.testing.assert_close(at_dst, _take(real, dst), rtol=1e-4, atol=1e-5, msg=f"{name} {function}")
+                at_dst = f(take(z, dst).unsqueeze(2)).squeeze(2)
+            torch.testing.assert_close(at_dst, take(real, dst), rtol=1e-4, atol=1e-5, msg=f"{name} {function}")
 
 
 # --- whole pipelines ------------------------------------------------------------------------------------------
@@ -238,16 +192,6 @@ def flux_pipeline():
     return pipe
 
 
-class _Sine(torch.nn.Module):
-    def forward(self, x, *args, **kwargs):
-        return torch.sin(1e4 * x)
-
-
-class _Zero(torch.nn.Module):
-    def forward(self, x, *args, **kwargs):
-        return torch.zeros_like(x)
-
-
 class _Processor:
     """PixArt attn1 replacement, a function of the query only: linear (value then output projection), or sin(w x)."""
 
@@ -265,16 +209,16 @@ def _set_linearity(pipe, attention_linear, ff_linear):
     for i, site in enumerate(family_of(model).sites(model)):
         block = site.block
         if site.single_stream:
-            block.act_mlp = torch.nn.Identity() if ff_linear[i] else _Sine()
+            block.act_mlp = torch.nn.Identity() if ff_linear[i] else Sine()
         else:
             width = block.ff.net[-1].out_features
-            block.ff = torch.nn.Linear(width, width) if ff_linear[i] else _Sine()
+            block.ff = torch.nn.Linear(width, width) if ff_linear[i] else Sine()
         for part in site.attentions:
             attn = getattr(block, part)
             if attn.norm_q is None:  # PixArt: as the U-Net's test
                 attn.set_processor(_Processor(attention_linear[i]))
             else:
-                attn.norm_q = _Zero() if attention_linear[i] else _Sine()
+                attn.norm_q = Zero() if attention_linear[i] else Sine()
 
 
 @pytest.mark.parametrize("kind", ["sd3", "pixart", "flux"])

@@ -3,18 +3,16 @@ each probe's attention and feed-forward functions against the blocks' own output
 whole analysis of a tiny pipeline of each family (``fl.json``, counts, proposals on blocks whose linearity is
 known), and the precise refusal of the families it does not know."""
 
-import copy
 import json
 
 import pytest
 import torch
+from analyze_probes import Sine, Zero, check_pairs_of_apply, probe_call, take
 from PIL import Image
-from test_analyze_dit import probe_call
-from test_dit_common import capturing_matchings, qwenimage_inputs, recording, tiny_qwenimage
+from test_dit_common import qwenimage_inputs, recording, tiny_qwenimage
 from test_dit_wan import tiny_wan, wan_inputs
 
-import tofu_sd
-from evaluation.analyze import AnalyzeConfig, analyze, matched_pairs
+from evaluation.analyze import AnalyzeConfig, analyze
 from evaluation.analyze.dit import check_analyzable
 from evaluation.errors import EvaluationError
 from evaluation.linearity import FUNCTIONS, TIMESTEP_GROUPS, timestep_group
@@ -24,10 +22,6 @@ from tofu_sd.families import family_of
 
 pytest.importorskip("diffusers", minversion="0.42.1")  # the processors the probes mirror
 pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
-
-
-def _take(x, pos):
-    return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 CASES = {
@@ -60,11 +54,11 @@ def test_functions_at_the_destination_are_the_blocks_own_outputs(case):
             real = outputs[f"{site.name}.{part}"][0]
             real = real[0] if isinstance(real, tuple) else real  # Qwen-Image's attn: (image, text)
             assert z.shape[1] == real.shape[1] == inputs_tokens(inputs) and not torch.equal(src, dst)
-            points = _take(z, dst).unsqueeze(2).expand(-1, -1, 3, -1)  # three points, each the destination
+            points = take(z, dst).unsqueeze(2).expand(-1, -1, 3, -1)  # three points, each the destination
             with torch.no_grad():
                 at_dst = f(points)
             for p in range(3):
-                torch.testing.assert_close(at_dst[:, :, p], _take(real, dst), rtol=1e-4, atol=1e-5,
+                torch.testing.assert_close(at_dst[:, :, p], take(real, dst), rtol=1e-4, atol=1e-5,
                                            msg=f"{case} {site.name} {function}")  # fmt: skip
 
 
@@ -74,24 +68,7 @@ def test_pairs_are_those_apply_merges(case):
     each block of the patched model given the input it has in the unpatched one."""
     build, make_inputs, *_ = CASES[case]
     model = build()
-    inputs = make_inputs(model)
-    calls, _ = probe_call(model, inputs)
-    blocks = {name: model.get_submodule(name) for name in calls}
-    with recording(blocks) as given, torch.no_grad():
-        model(**inputs)
-    patched = tofu_sd.apply(copy.deepcopy(model))
-    handles = []
-    for name in calls:
-        (args, kwargs), = given[name]
-        real = lambda module, a, k, args=args, kwargs=kwargs: (args, kwargs)
-        handles.append(patched.get_submodule(name).register_forward_pre_hook(real, with_kwargs=True))
-    with capturing_matchings(patched) as used, torch.no_grad():
-        patched(**inputs)
-    for handle in handles:
-        handle.remove()
-    for name, recorded in calls.items():
-        src, dst = matched_pairs(used[name][0])
-        assert recorded and all(torch.equal(p[0], src) and torch.equal(p[1], dst) for *_, p in recorded), name
+    check_pairs_of_apply(model, make_inputs(model))
 
 
 def inputs_tokens(inputs) -> int:
@@ -103,24 +80,14 @@ def inputs_tokens(inputs) -> int:
 # --- whole pipelines ------------------------------------------------------------------------------------------
 
 
-class _Sine(torch.nn.Module):
-    def forward(self, x, *args, **kwargs):
-        return torch.sin(1e4 * x)
-
-
-class _Zero(torch.nn.Module):
-    def forward(self, x, *args, **kwargs):
-        return torch.zeros_like(x)
-
-
 def _set_linearity(model, attention, feed_forward, attention_linear, ff_linear):
     """A zero query (uniform attention over fixed keys: a constant, FL 1) or ``sin(1e4 q)`` in each block's attention;
     a linear layer or ``sin(1e4 x)`` as its feed-forward."""
     for i, site in enumerate(family_of(model).sites(model)):
         block = site.block
         width = model.config.num_attention_heads * model.config.attention_head_dim
-        setattr(block, feed_forward, torch.nn.Linear(width, width) if ff_linear[i] else _Sine())
-        block.get_submodule(attention).norm_q = _Zero() if attention_linear[i] else _Sine()
+        setattr(block, feed_forward, torch.nn.Linear(width, width) if ff_linear[i] else Sine())
+        block.get_submodule(attention).norm_q = Zero() if attention_linear[i] else Sine()
 
 
 PIPELINES = {

@@ -1,8 +1,9 @@
 """``reduce="kv"`` on FLUX.2, Chroma and Z-Image models: every query kept and the keys reduced, checked by what
 reaches the attention kernel and the projections (token counts, queries and text keys bit for bit against the
 unpatched call, the mask's text columns as they were and its image columns summing, per query, to the unpatched
-ones' total weight), Chroma's padding masked as if the padded tokens were not there; ratio 0, remove, compile.
-The attentions themselves are checked against references in test_dit_kv_flux2_chroma_zimage_attention.py."""
+ones' total weight), Chroma's padding masked as if the padded tokens were not there. Ratio 0, remove and compile
+are checked in test_dit_kv_common.py, the attentions themselves against references in
+test_dit_kv_flux2_chroma_zimage_attention.py."""
 
 import pytest
 
@@ -10,45 +11,31 @@ pytest.importorskip("diffusers", minversion="0.42.1")  # written and tested on i
 
 
 import torch
+from kv_models import MODELS, T, attention_calls, run
 from test_dit_chroma import chroma_inputs, tiny_chroma
 from test_dit_common import assert_unpatched, recording
-from test_dit_common import run as run_sample
 from test_dit_flux2 import flux2_inputs, tiny_flux2
-from test_dit_kv import attention_calls
-from test_dit_zimage import tiny_zimage, zimage_inputs
 
 import tofu_sd
-from tofu_sd.reducing import REDUCE_HOOK
 
-#: Every call: 30 image tokens (5 x 6), 5 text tokens. Z-Image's layers get [30 image tokens, 66 more]: 2 of image
-#: padding, captions of 5 and 40 tokens padded to 32 and 64, batch padding and a key mask.
-N, T = 30, 5
-MODELS = {
-    "flux2": (tiny_flux2, lambda model: flux2_inputs(model, h=5, w=6, text=T)),
-    "chroma": (tiny_chroma, lambda model: chroma_inputs(model, h=5, w=6, text=T, padding=[2, 0])),
-    "chroma-float": (tiny_chroma, lambda model: chroma_inputs(model, h=5, w=6, text=T, padding=[2, 0], dtype=torch.float32)),
-    "zimage": (tiny_zimage, lambda model: zimage_inputs(h=5, w=6, text=(5, 40))),
-}
-
-
-def run(model, inputs):
-    out = run_sample(model, inputs)
-    return torch.stack(out) if isinstance(out, list) else out
+#: Every call: 30 image tokens (5 x 6), 5 text tokens; Z-Image's layers get 66 more (see kv_models.MODELS).
+N = 30
+NAMES = ["flux2", "chroma", "chroma-float", "zimage"]
 
 
 def additive(mask):
     return torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", NAMES)
 def test_every_query_kept_text_keys_bitwise_and_the_mask_grouped(name):
     """Per attention call, unpatched and patched alike: the same queries (the first patched call's bit for bit);
     in the patched attentions ``N - r`` image keys, the text's keys (Z-Image: the rest's) and mask columns as
     unpatched, and per query the image keys' weights ``exp(bias)`` summing to the unpatched image keys' (``N``
     unmasked: the sizes cover the image)."""
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
+    family = MODELS[name]
+    model = family.build()
+    x = family.inputs(model)
     with attention_calls() as full:
         run(model, x)
     tofu_sd.apply(model, 0.5, reduce="kv", schedule="PM" * 2 if name != "zimage" else "MP")
@@ -97,52 +84,15 @@ def projections(model, name):
 
 @pytest.mark.parametrize("name", ["flux2", "chroma", "zimage"])
 def test_projections_see_every_query_and_the_reduced_keys(name):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
+    family = MODELS[name]
+    model = family.build()
+    x = family.inputs(model)
     expected = projections(model, name)
     tofu_sd.apply(model, 0.5, reduce="kv")
     with recording({key: module for key, (module, _) in expected.items()}) as seen:
         run(model, x)
     counts = {key: [a[0].shape[1] for a, _ in calls] for key, calls in seen.items()}
     assert counts == {key: count for key, (_, count) in expected.items()}
-
-
-@pytest.mark.parametrize("name", ["flux2", "chroma", "zimage"])
-def test_ratio_zero_no_reduction_and_remove_are_bit_identical(name):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
-    full = run(model, x)
-    tofu_sd.apply(model, 0, reduce="kv")  # the request is recorded; nothing is hooked
-    assert torch.equal(run(model, x), full)
-    tofu_sd.apply(model, 0.02, reduce="kv")  # r = int(30 * 0.02) = 0: hooked, nothing reduced
-    block = model.layers[0].attention if name == "zimage" else model.single_transformer_blocks[0].attn
-    assert block._diffusers_hook.get_hook(REDUCE_HOOK) is not None
-    assert torch.equal(run(model, x), full)
-    tofu_sd.apply(model, 0.5, reduce="kv")
-    assert not torch.allclose(run(model, x), full, atol=1e-6)
-    tofu_sd.remove(model)
-    assert_unpatched(model)
-    assert torch.equal(run(model, x), full)
-
-
-@pytest.mark.parametrize("name", ["flux2", "chroma", "zimage"])
-def test_compiles_without_graph_breaks(name):
-    """Chroma with its padding mask, Z-Image with its key mask. (Z-Image runs once first: diffusers 0.42.1 fills
-    its rotary cache on the first call, a graph break of its own.)"""
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
-    full = run(model, x)
-    tofu_sd.apply(model, 0.5, reduce="kv", matching="local", schedule="PM" * 2 if name != "zimage" else "AM")
-    eager = run(model, x)
-    assert not torch.allclose(eager, full, atol=1e-6)
-    with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(**x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(run(compiled, x), eager, rtol=1e-4, atol=1e-5)
 
 
 def test_chroma_padded_text_tokens_are_masked_as_if_they_were_not_there():

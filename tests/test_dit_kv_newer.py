@@ -1,8 +1,8 @@
 """``reduce="kv"`` on Qwen-Image, Wan and Sana models: every query kept, keys and values from the block's reduced
 tokens, checked by what reaches the attention kernel and the projections (token counts, queries and text bit for
-bit, the text's padding mask and the ``log(size)`` bias, rotary rows of the kept keys against the unpatched
-keys), the cross-attentions untouched; ratio 0, remove, compile, refusals. The attentions themselves are checked
-against references in test_dit_kv_newer_attention.py."""
+bit, the text's padding mask and the ``log(size)`` bias), the cross-attentions untouched; compiled repeated blocks,
+refusals. Ratio 0, remove, compile and the rotary rows of the kept keys are checked in test_dit_kv_common.py, the
+attentions themselves against references in test_dit_kv_newer_attention.py."""
 
 import pytest
 
@@ -14,47 +14,28 @@ import importlib.metadata
 import pytest
 import torch
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
-from test_dit_common import (
-    assert_unpatched,
-    capturing_matchings,
-    compiled_like_eager,
-    qwenimage_inputs,
-    recording,
-    run,
-    tiny_qwenimage,
-)
-from test_dit_kv import attention_calls
-from test_dit_sana import sana_inputs, tiny_sana
+from kv_models import MODELS, PADDING, T, attention_calls
+from test_dit_common import assert_unpatched, recording, run
+from test_dit_sana import tiny_sana
 from test_dit_wan import tiny_wan, wan_inputs
 
 import tofu_sd
-from tofu_sd.reducing import REDUCE_HOOK
 
 #: Every call below: 48 image / video tokens (Qwen-Image 6 x 8, Wan 3 frames of 4 x 4, Sana 6 x 8 patches).
-N, T = 48, 5
-PADDING = torch.tensor([[True, True, True, False, False], [True] * T])
-MODELS = {
-    "qwen": (tiny_qwenimage, lambda model: qwenimage_inputs(model, h=6, w=8, text=T)),
-    "qwen-padded": (tiny_qwenimage, lambda model: qwenimage_inputs(model, h=6, w=8, text=T, mask=PADDING)),
-    "wan": (tiny_wan, lambda model: wan_inputs(model, frames=3, h=4, w=4, text=T)),
-    "wan-i2v": (lambda: tiny_wan(i2v=True), lambda model: wan_inputs(model, frames=3, h=4, w=4)),
-    "sana": (lambda: tiny_sana(num_layers=2), lambda model: sana_inputs(model, height=12, width=16, text=T)),
-}
+N = 48
 
 
 def attentions(model, name):
     """The attentions ``reduce="kv"`` patches, first block first."""
-    if name.startswith("qwen"):
-        return [b.attn for b in model.transformer_blocks]
-    return [b.attn1 for b in (model.blocks if name.startswith("wan") else model.transformer_blocks)]
+    return [model.get_submodule(attention) for attention in MODELS[name].patched]
 
 
 @pytest.mark.parametrize("matching", ["global", "local"])
 @pytest.mark.parametrize("name", ["qwen", "qwen-padded", "wan"])
 def test_every_query_kept_and_text_untouched(name, matching):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
+    family = MODELS[name]
+    model = family.build()
+    x = family.inputs(model)
     with attention_calls() as full:
         run(model, x)
     tofu_sd.apply(model, 0.5, reduce="kv", schedule="M", matching=matching)
@@ -80,9 +61,9 @@ def test_every_query_kept_and_text_untouched(name, matching):
 
 @pytest.mark.parametrize("name", ["qwen", "wan", "wan-i2v", "sana"])
 def test_projections_see_every_query_and_the_reduced_keys(name):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
+    family = MODELS[name]
+    model = family.build()
+    x = family.inputs(model)
     modules, expected = {}, {}
     for i, attn in enumerate(attentions(model, name)):
         for p, count in {"to_q": N, "to_k": N // 2, "to_v": N // 2}.items():
@@ -106,61 +87,11 @@ def test_projections_see_every_query_and_the_reduced_keys(name):
     assert torch.equal(seen[(0, "to_q")][0][0][0], unpatched[(0, "to_q")][0][0][0])  # the first queries, bit for bit
 
 
-@pytest.mark.parametrize("name", ["qwen", "wan"])
-def test_rotary_rows_of_the_kept_keys(name):
-    """Pruning (``P``): each image key is its kept token's own key, rotated with its own position, so it equals
-    the unpatched key at that position (and a key rotated with another row would not)."""
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
-    with attention_calls() as full:
-        run(model, x)
-    tofu_sd.apply(model, 0.5, reduce="kv", schedule="P")
-    with attention_calls() as kv, capturing_matchings(model) as matchings:
-        run(model, x)
-    keep = matchings["transformer_blocks.0" if name == "qwen" else "blocks.0"][0].keep_idx  # (B, N - r)
-    text = T if name == "qwen" else 0
-    keys, full_keys = kv[0][1][:, :, text:], full[0][1][:, :, text:]
-    expected = torch.stack([full_keys[b][:, keep[b]] for b in range(keep.shape[0])])
-    torch.testing.assert_close(keys, expected, rtol=1e-6, atol=1e-6)
-    shifted = torch.stack([full_keys[b][:, keep[b].roll(1)] for b in range(keep.shape[0])])
-    assert (keys - shifted).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("name", ["qwen-padded", "wan", "sana"])
-def test_ratio_zero_no_reduction_and_remove_are_bit_identical(name):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
-    full = run(model, x)
-    tofu_sd.apply(model, 0, reduce="kv")  # the request is recorded; nothing is hooked
-    assert all("_diffusers_hook" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
-    assert torch.equal(run(model, x), full)
-    tofu_sd.apply(model, 0.01, reduce="kv")  # r = int(48 * 0.01) = 0: hooked, nothing reduced
-    assert attentions(model, name)[0]._diffusers_hook.get_hook(REDUCE_HOOK) is not None
-    assert torch.equal(run(model, x), full)
-    tofu_sd.apply(model, 0.5, reduce="kv")
-    assert not torch.allclose(run(model, x), full, atol=1e-6)
-    tofu_sd.remove(model)
-    assert_unpatched(model)
-    assert torch.equal(run(model, x), full)
-
-
-@pytest.mark.parametrize("name,schedule", [("qwen-padded", "PM"), ("wan", "AM"), ("sana", "PM")])
-def test_compiles_without_graph_breaks(name, schedule):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
-    full = run(model, x)
-    _, eager = compiled_like_eager(model, x, ratio=0.5, reduce="kv", matching="local", schedule=schedule)
-    assert not torch.allclose(eager, full, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", ["qwen-padded", "wan"])
 def test_compile_repeated_blocks(name):
-    build, inputs = MODELS[name]
-    model = build()
-    x = inputs(model)
+    family = MODELS[name]
+    model = family.build()
+    x = family.inputs(model)
     eager = run(tofu_sd.apply(model, 0.5, reduce="kv"), x)
     model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(run(model, x), eager, rtol=1e-4, atol=1e-5)
@@ -168,8 +99,7 @@ def test_compile_repeated_blocks(name):
 
 @pytest.mark.parametrize("name", ["qwen", "wan", "sana"])
 def test_an_older_diffusers_is_refused(name, monkeypatch):
-    build, _ = MODELS[name]
-    model = build()
+    model = MODELS[name].build()
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda pkg: "0.41.0" if pkg == "diffusers" else real(pkg))
     with pytest.raises(ValueError, match=r"tested on diffusers >= 0\.42\.1; this environment has diffusers 0\.41\.0"):

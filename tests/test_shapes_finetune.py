@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from trainer_runs import one_thread, run_trainer  # noqa: F401 - one_thread: an autouse fixture
 
 from evaluation.shapes import MODEL_DIR
 from evaluation.shapes import finetune_export as FE
@@ -29,31 +30,12 @@ def tiny(work, **kw) -> FinetuneConfig:
     return FinetuneConfig(work_dir=str(work), **{**options, **kw})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(work, stop_at=None):
-    tuner = Finetuner(tiny(work), echo=lambda msg: None)
-    if stop_at is not None:
-        loss = tuner.loss
-
-        def interrupted(step):
-            if step == stop_at:
-                raise KeyboardInterrupt
-            return loss(step)
-
-        tuner.loss = interrupted
-    tuner.run()
-    return tuner
+    return run_trainer(Finetuner(tiny(work), echo=lambda msg: None), stop_at)
 
 
 @pytest.fixture(scope="module")
-def whole(one_thread, tmp_path_factory):
+def whole(one_thread, tmp_path_factory):  # noqa: F811 - the imported fixture
     """An uninterrupted tiny run of 4 steps: its work folder."""
     work = tmp_path_factory.mktemp("finetune") / "whole"
     _run(work)

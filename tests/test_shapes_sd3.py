@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from trainer_runs import one_thread, run_trainer  # noqa: F401 - one_thread: an autouse fixture
 
 from evaluation.shapes_sd3 import CALL_KWARGS, MAX_BYTES, MODEL_DIR, load_pipeline
 from evaluation.shapes_sd3 import components as C
@@ -29,15 +30,6 @@ def tiny_config(work, **kw) -> TrainConfig:
 
 def quiet(msg):
     pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and far faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_vae_latent_is_16x16_and_pipeline_decode_is_inverted():
@@ -78,22 +70,11 @@ def test_step_matches_the_pipelines_text_encoding(tmp_path):
 
 
 def _run(work, stop_at=None):
-    trainer = Trainer(tiny_config(work), echo=quiet)
-    if stop_at is not None:
-        loss = trainer.loss
-
-        def interrupted(step):
-            if step == stop_at:
-                raise KeyboardInterrupt
-            return loss(step)
-
-        trainer.loss = interrupted
-    trainer.run()
-    return trainer
+    return run_trainer(Trainer(tiny_config(work), echo=quiet), stop_at)
 
 
 @pytest.fixture(scope="module")
-def finished_run(one_thread, tmp_path_factory):
+def finished_run(one_thread, tmp_path_factory):  # noqa: F811 - the imported fixture
     """A whole tiny run of 4 steps: its trainer and work folder."""
     work = tmp_path_factory.mktemp("tiny-sd3") / "work"
     return _run(work), work
