@@ -13,8 +13,6 @@ from test_dit_common import qwenimage_inputs, recording, tiny_qwenimage
 from test_dit_wan import tiny_wan, wan_inputs
 
 from evaluation.analyze import AnalyzeConfig, analyze
-from evaluation.analyze.dit import check_analyzable
-from evaluation.errors import EvaluationError
 from evaluation.linearity import FUNCTIONS, TIMESTEP_GROUPS, timestep_group
 from evaluation.linearity_plot import short_name
 from evaluation.tiny_pipelines import qwenimage_pipeline, wan_pipeline
@@ -141,21 +139,3 @@ def test_analysis_of_a_tiny_pipeline(family, tmp_path):
 
 def test_wan_block_names_are_short_in_the_plot():
     assert short_name("blocks.12") == "b12"
-
-
-@pytest.mark.parametrize("name,reason", [("FLUX.2", "to_qkv_mlp_proj"), ("Chroma", "attention mask"),
-                                         ("Z-Image", "freqs_cis"), ("Sana", "linear")])  # fmt: skip
-def test_the_families_without_a_probe_are_refused_with_the_reason(name, reason):
-    class Model(torch.nn.Module):
-        pass
-
-    class Arch:
-        def sites(self, model):
-            return [None, None]
-
-        def default_schedule(self, sites):
-            return "M" * len(sites)
-
-    Arch.name = name
-    with pytest.raises(EvaluationError, match=f"probes do not know the blocks of a Model \\({name}\\) \\(.*{reason}.*is provisional"):
-        check_analyzable(Arch(), Model())

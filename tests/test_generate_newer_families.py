@@ -133,16 +133,6 @@ def _analyze_args(family: str, folder, out) -> list[str]:
             "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--quiet", *frames]  # fmt: skip
 
 
-@pytest.mark.parametrize("family,model", [("Flux2", "Flux2Transformer2DModel (FLUX.2)"),
-                                          ("Sana", "SanaTransformer2DModel (Sana)")])  # fmt: skip
-def test_analyze_refuses_the_families_its_probes_do_not_know(family, model, folders, tmp_path, capsys):
-    out = tmp_path / "fl"
-    assert main(_analyze_args(family, folders[family], out)) == 2
-    err = capsys.readouterr().err
-    assert f"its probes do not know the blocks of a {model}" in err and "is provisional" in err
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("family", ["QwenImage", "Wan"])
 def test_analyze_runs_on_a_saved_pipeline_folder(family, folders, tmp_path):
     """The command end to end on a local folder (tests/test_analyze_families.py checks the measurement)."""

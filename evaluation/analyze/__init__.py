@@ -27,7 +27,9 @@ the pairs from tofu_sd's own ``MatchingHook`` on the block's image tokens, and
   (:func:`~evaluation.linearity.joint_query_attention`; PixArt, whose text is cross-attention, as on a U-Net).
   Flux's rotary positions: the interpolated token takes the pair's *destination*'s, as a merged group does in
   ``tofu_sd`` (so ``f(X2)`` is the destination's real output, and the path is along features only); Qwen-Image's
-  ``attn`` and Wan's ``attn1`` likewise, as their own processors compute them (:mod:`.dit_families`);
+  ``attn`` and Wan's ``attn1`` likewise, as their own processors compute them (:mod:`.dit_families`), and
+  Chroma's, FLUX.2's, Z-Image's and Sana's (:mod:`.dit_families_more`; Sana's convolutional feed-forward is not
+  measured);
 - ``feed_forward``: the block's ``ff`` on the image tokens (Qwen-Image's ``img_mlp``, Wan's ``ffn``; Flux's single-stream blocks: ``act_mlp(proj_mlp(.))``
   on the image part of their ``[text, image]`` sequence);
 

@@ -1,7 +1,7 @@
-"""Measuring on a diffusion transformer (SD3 / SD3.5, PixArt, Flux; Qwen-Image and Wan with the probes of
-:mod:`.dit_families`), with forward pre-hooks: the blocks ``tofu_sd.apply`` patches (``reduction.blocks``, or all
-of them), the timestep and grid of each model call through tofu_sd's own hooks and the family adapter, and a probe
-per block at each attention it reduces around and at its feed-forward."""
+"""Measuring on a diffusion transformer (SD3 / SD3.5, PixArt, Flux; Qwen-Image, Wan, Chroma, FLUX.2, Z-Image
+and Sana with the probes of :mod:`.dit_families`), with forward pre-hooks: the blocks ``tofu_sd.apply`` patches
+(``reduction.blocks``, or all of them), the timestep and grid of each model call through tofu_sd's own hooks and the
+family adapter, and a probe per block at each attention it reduces around and at its feed-forward."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ..errors import EvaluationError
 from ..linearity import joint_query_attention, timestep_group
 from .config import AnalyzeConfig
 from .dit_families import FAMILY_PROBES, UNPROBED
+from .dit_families_more import SiteProbe
 from .measurement import check_unreduced, image_size, method_description, recorded, result, train_timesteps
 from .probe import BlockProbe, block_result
 
@@ -42,9 +43,20 @@ class DiTProbe(BlockProbe):
         self.matcher.pre_forward(module, *args, **kwargs)
         m, self.text_len = self.state.matching, self.state.text_len
         self.state.matching = self.state.text_len = None
-        if m is not None:
-            self.keep_pairs(m, argument(args, kwargs, 0, "hidden_states"))
+        if m is not None:  # the image tokens: a single-stream block's input may hold its text or rest too
+            self.keep_pairs(m, argument(args, kwargs, 0, "hidden_states")[:, : m.num_tokens])
         return None
+
+    def measuring(self, function: str, measured):
+        """A pre-hook that records ``function`` at a call of a :class:`~.dit_families_more.SiteProbe` module."""
+
+        def hook(module, args, kwargs):
+            got = None if self.pairs is None else measured(module, args, kwargs, self.pairs[1], self.text_len or 0)
+            if got is not None and self._measurable(got[1], self.tokens):
+                self._record(function, *got)
+            return None
+
+        return hook
 
     def attention_function(self, attn, context, added=None, rotary=None, offset=0, project_out=True):
         """``f``: interpolated image tokens ``(B, K, P, C)`` -> ``attn``'s image output for each as the query,
@@ -139,12 +151,16 @@ class DiTRecorder:
         self.probes = []
         for index, site in enumerate(sites):
             state = BlockState()
-            matcher = MatchingHook(self.call, self.model_state, state, index, text_len=site.single_stream)
+            matcher = MatchingHook(self.call, self.model_state, state, index, text_len=site.single_stream,
+                                   image_last=site.image_last, image_first=site.image_first)  # fmt: skip
             probe = DiTProbe(site, matcher, state, self)
             self.probes.append(probe)
             block = site.block
             self.handles.append(block.register_forward_pre_hook(probe.on_block, with_kwargs=True))
-            if site.single_stream:
+            if isinstance(self.family, SiteProbe):
+                pre = [(block.get_submodule(name), probe.measuring(function, measured))
+                       for name, function, measured in self.family.hooks(site)]  # fmt: skip
+            elif site.single_stream:
                 pre = [(block.attn, probe.on_single_attention), (block.proj_mlp, probe.on_single_mlp)]
             elif self.family is not None:
                 pre = [(getattr(block, part), probe.on_family_attention) for part in site.attentions]
@@ -226,7 +242,7 @@ ANALYZED_FAMILIES = ("SD3", "PixArt", "Flux", *FAMILY_PROBES)
 
 def check_analyzable(arch: Family, model: torch.nn.Module) -> None:
     """EvaluationError, before anything is measured or written, for a family whose blocks the probes do not know
-    (FLUX.2, Chroma, Z-Image, Sana: :data:`~.dit_families.UNPROBED` says why): there, tofu_sd's default schedule is
+    (:data:`~.dit_families.UNPROBED` says why, for a family named there): there, tofu_sd's default schedule is
     provisional."""
     if arch.name not in ANALYZED_FAMILIES:
         raise EvaluationError(

@@ -27,6 +27,8 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from tofu_sd.arguments import argument
 
+from .dit_families_more import SITE_PROBES
+
 
 def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """``(B, S, H, D)`` queries, keys and values through diffusers' dispatch with the processor's backend (as the
@@ -170,16 +172,9 @@ FAMILY_PROBES = {
         wan_measured, "ffn", "attn1 (WanAttnProcessor) " + _QUERY + "the call's real video tokens, fixed",
         "ffn on the interpolated ffn input (video tokens)",
     ),
+    **SITE_PROBES,  # Chroma, FLUX.2, Z-Image, Sana: their blocks differ by kind (:class:`.dit_families_more.SiteProbe`)
 }  # fmt: skip
 
-#: Why the other diffusion-transformer families have no probe yet (analyze refuses them with this reason).
-UNPROBED = {
-    "FLUX.2": "its single-stream blocks compute queries, keys, values and the MLP in one fused projection "
-    "(to_qkv_mlp_proj) of a [text, image] input, and no probe of them was written and tested",
-    "Chroma": "its single-stream blocks take [text, image] as one input and their attention mask over it, and no "
-    "probe of them was written and tested",
-    "Z-Image": "its layers take [image, text] as one input with a per-token rotary table (freqs_cis), and no probe "
-    "of them was written and tested",
-    "Sana": "its self-attention is linear (ReLU kernel) and its feed-forward convolutional over the token grid, "
-    "and no probe of them was written and tested",
-}
+#: Why the other diffusion-transformer families have no probe yet (analyze refuses them with this reason): none
+#: left since Chroma, FLUX.2, Z-Image and Sana got theirs (:mod:`.dit_families_more`).
+UNPROBED: dict[str, str] = {}
