@@ -22,20 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from tofu_sd.arguments import argument
 
-from .dit_families_more import SITE_PROBES
-
-
-def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """``(B, S, H, D)`` queries, keys and values through diffusers' dispatch with the processor's backend (as the
-    processors call it); ``(B, M, H * D)`` in the queries' dtype."""
-    backend = getattr(attn.processor, "_attention_backend", None)
-    out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend)
-    return out.flatten(2, 3).to(q.dtype)
+from .dit_families_more import SITE_PROBES, attend
 
 
 def destination_rows(table: torch.Tensor, dst: torch.Tensor, points: int) -> torch.Tensor:
@@ -71,7 +62,7 @@ def qwen_query_attention(attn, queries, image, text, *, query_table=None, image_
     if text_mask is not None:
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         mask = torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
-    out = _attend(attn, q, torch.cat([text_k, k], dim=1), torch.cat([text_v, v], dim=1), mask)
+    out = attend(attn, q, torch.cat([text_k, k], dim=1), torch.cat([text_v, v], dim=1), mask)
     out = attn.to_out[0](out.contiguous())
     return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
@@ -119,7 +110,7 @@ def wan_query_attention(attn, queries, context, *, query_rotary=None, context_ro
     if query_rotary is not None:
         q = wan_rotate(q.reshape(1, -1, *q.shape[2:]), *query_rotary).view(q.shape)
         k = wan_rotate(k, *context_rotary)
-    out = _attend(attn, q, k, v)
+    out = attend(attn, q, k, v)
     return attn.to_out[1](attn.to_out[0](out))
 
 
