@@ -6,6 +6,7 @@
 # stages 1 and 3 use 2 CPU processes (torchrun, one thread each).
 #
 #   benchmarks/dit_front.sh generate     # the single methods
+#   benchmarks/dit_front.sh all          # the single methods and the stacks in one interleaved run
 #   benchmarks/dit_front.sh bench        # the slice benches (idle machine)
 #   STACKS=... benchmarks/dit_front.sh stacks   # the stacks of the best caches with the best Token Fusion setting
 #   benchmarks/dit_front.sh evaluate     # report.md with the paired table, the Pareto plot on the cost axis
@@ -25,6 +26,7 @@ generate() {
 case "${1:-}" in
     generate) generate "full,$TOFU,$CACHES" ;;
     stacks) generate "full,$STACKS" ;;
+    all) generate "full,$TOFU,$CACHES,$STACKS" ;;
     bench)
         tofu-sd bench --arch sd3-medium-slice --sizes 1024 --variants "$VARIANTS" --reps 3 --threads 2 --warmup 0 \
             --no-ops --overhead-tokens "" --json "$RESULTS/cpu-sd3-medium-slice-1024-kv.json"
@@ -33,5 +35,5 @@ case "${1:-}" in
     evaluate)
         tofu-sd evaluate "$OUT" --cost "$RESULTS/cpu-sd3-medium-slice-1024-kv.json,$RESULTS/cpu-flux-dev-slice-1024-kv.json" \
             --compare "${COMPARE:-tofu-kv@0.75:fbcache@0.2}" ;;
-    *) echo "usage: $0 generate|bench|stacks|evaluate" >&2; exit 2 ;;
+    *) echo "usage: $0 generate|all|bench|stacks|evaluate" >&2; exit 2 ;;
 esac
