@@ -4,9 +4,13 @@ method on diffusion transformers (``block_calls_per_image``, ``attention_calls_p
 
 :func:`counting` registers a pass-through registry hook (:data:`COUNT_HOOK`) *innermost* on each block of the
 family's block list (``transformer_and_family(pipe)[1].sites(model)``) and on each attention that Token Fusion
-reduces around (``Site.attentions``): it sits next to the module's own ``forward``, below every hook registered
-before it (a step cache's, Token Fusion's), so a block or an attention that a cache skips (returning a cached or
-predicted output without calling it) is not counted. A call counts the rows of its ``hidden_states`` (the
+reduces around (``Site.attentions``). **Enter it before the method is applied** (``tofu-sd generate`` does):
+diffusers registers a step cache's hooks outermost, so they sit above the counter, and a block or attention
+that a cache skips (returning a cached or predicted output without calling it) is not counted; Token Fusion
+registers its hooks innermost, so they sit below the counter, and an attention that Token Fusion runs itself
+(``reduce="kv"``, which computes the attention with every query and the reduced keys instead of calling the
+module's forward) is counted. Entered after Token Fusion, the counter would sit below that attention and miss
+every ``kv`` call (the bug that recorded 0 attentions for ``tofu-kv`` methods before 2026-12-07). A call counts the rows of its ``hidden_states`` (the
 batch): an image's conditional and unconditional passes (classifier-free guidance, batched or not) count two,
 so the count per image does not depend on the batch size. The hooks change no value (they only read the
 batch size) and are removed afterwards, with anything the registry would leave behind.

@@ -132,7 +132,8 @@ class _Maker:
                 with applied():  # one-time costs (allocator, kernels) stay out of the timing
                     self.run_pipe(batch, 1)
                 self.warmed.add(method)
-            with applied(), counting(self.pipe) as count, self.memory.measure() as peak:
+            # counting first: its hooks then sit below a cache's and above Token Fusion's (see block_calls)
+            with counting(self.pipe) as count, applied(), self.memory.measure() as peak:
                 t0 = time.perf_counter()
                 images = self.run_pipe(batch, config.steps)
                 seconds = time.perf_counter() - t0

@@ -70,7 +70,7 @@ def run(tiny_sd3_folder, tmp_path_factory):  # noqa: F811 - a fixture
 
     monkeypatch.setattr(generate_module, "load_pipeline", load)
     out = tmp_path_factory.mktemp("caches") / "run"
-    methods = ["full", "tofu@0.5", *CACHE_METHODS, "taylorseer-lite@5", STACK]
+    methods = ["full", "tofu@0.5", "tofu-kv@0.75", *CACHE_METHODS, "taylorseer-lite@5", STACK]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -93,6 +93,8 @@ def test_each_cache_skips_something_and_the_manifest_counts_the_blocks(run):
     assert full["block_calls_per_image"] == STEPS * blocks * 2 and full["attention_calls_per_image"] == STEPS * attentions * 2
     assert full["images_counted"] == 2 and full["block_calls"] == 2 * full["block_calls_per_image"]
     assert stats["tofu@0.5"]["block_calls_per_image"] == full["block_calls_per_image"]  # tofu skips no block
+    for key in ("block_calls_per_image", "attention_calls_per_image"):  # nor does kv, which runs its attention itself
+        assert stats["tofu-kv@0.75"][key] == full[key], key
     pixels = {m: _pixels(out / m / "0000_0.png") for m in stats}
     for method in CACHE_METHODS:
         name = method.partition("@")[0]
@@ -190,14 +192,31 @@ def test_the_stack_gives_the_same_images_in_either_order(pipe, cache):
     assert not torch.equal(outputs[0], tofu)
 
 
-@pytest.mark.parametrize("method", ["full", "tofu@0.5", "oracle@0.5", "fbcache@0.5", "pab@2"])
+@pytest.mark.parametrize("method", ["full", "tofu@0.5", "tofu-kv@0.75", "oracle@0.5", "fbcache@0.5", "pab@2", "taylorseer-lite@2+tofu-kv@0.75"])
 def test_counting_changes_no_image(pipe, method):
     with method_applied(pipe, method, TokenFusionConfig(), MORE):
         plain = _call(pipe)
-        with counting(pipe) as count:
-            counted = _call(pipe)
+    with counting(pipe) as count, method_applied(pipe, method, TokenFusionConfig(), MORE):  # as generate does
+        counted = _call(pipe)
     assert torch.equal(plain, counted) and count.blocks > 0 and count.attentions > 0
     assert not any(hasattr(m, "_diffusers_hook") for m in pipe.transformer.modules())
+
+
+def test_counting_sees_the_attentions_that_kv_runs_itself_and_not_those_a_cache_skips(pipe):
+    """``reduce="kv"`` computes the joint attention itself instead of calling the module's forward: the counter
+    must sit above it (counting entered first) and still below a cache's hooks."""
+    counts = {}
+    for method in ("full", "tofu-kv@0.75", "pab@2", "pab@2+tofu-kv@0.75"):
+        with counting(pipe) as count, method_applied(pipe, method, TokenFusionConfig(), MORE):
+            _call(pipe)
+        counts[method] = (count.blocks, count.attentions)
+    blocks, attentions = TINY_TRANSFORMER["num_layers"], TINY_TRANSFORMER["num_layers"] + 1
+    assert counts["full"] == (STEPS * blocks * 2 * 2, STEPS * attentions * 2 * 2)  # 2 prompts x 2 CFG rows
+    assert counts["tofu-kv@0.75"] == counts["full"]  # kv skips no attention
+    assert counts["pab@2"][1] < counts["full"][1] and counts["pab@2+tofu-kv@0.75"] == counts["pab@2"]
+    with method_applied(pipe, "tofu-kv@0.75", TokenFusionConfig(), MORE), counting(pipe) as late:
+        _call(pipe)
+    assert late.attentions == 0  # entered after Token Fusion the counter misses every kv attention: why the order
 
 
 # --- refusals -------------------------------------------------------------------------------------------------
