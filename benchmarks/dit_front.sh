@@ -16,6 +16,9 @@ RESULTS=${RESULTS:-benchmarks/results}
 TOFU="tofu@0.25,tofu@0.5,tofu-kv@0.5,tofu-kv@0.75,tofu-kv-local@0.5,tofu-kv-local@0.75"
 CACHES="fbcache@0.15,fbcache@0.2,fbcache@0.3,magcache@0.03,magcache@0.06,taylorseer-lite@2,taylorseer-lite@3,pab@2,pab@3,fastercache"
 STACKS=${STACKS:-"fbcache@0.2+tofu-kv@0.75,magcache@0.06+tofu-kv@0.75,taylorseer-lite@2+tofu-kv@0.75"}
+# The equal-cost pairs of the report: kv against tokens, Token Fusion against the caches nearest its cost, each
+# stack against its cache alone at a higher cost.
+PAIRS="tofu-kv@0.5:tofu@0.25,tofu-kv@0.75:tofu@0.5,tofu-kv@0.75:fastercache,tofu-kv@0.5:pab@3,fbcache@0.2+tofu-kv@0.75:fbcache@0.3,magcache@0.06+tofu-kv@0.75:magcache@0.06,taylorseer-lite@2+tofu-kv@0.75:taylorseer-lite@3"
 VARIANTS="full,tofu@0.25,tofu@0.5,tofu-kv@0.5,tofu-kv@0.75,tofu-kv-local@0.5,tofu-kv-local@0.75,oracle"
 
 generate() {
@@ -34,6 +37,6 @@ case "${1:-}" in
             --no-ops --overhead-tokens "" --json "$RESULTS/cpu-flux-dev-slice-1024-kv.json" ;;
     evaluate)
         tofu-sd evaluate "$OUT" --cost "$RESULTS/cpu-sd3-medium-slice-1024-kv.json,$RESULTS/cpu-flux-dev-slice-1024-kv.json" \
-            --compare "${COMPARE:-tofu-kv@0.75:fbcache@0.2}" ;;
+            --compare "${COMPARE:-$PAIRS}" ;;
     *) echo "usage: $0 generate|all|bench|stacks|evaluate" >&2; exit 2 ;;
 esac
