@@ -298,10 +298,14 @@ def pareto_data(report: dict, cost: dict | None = None) -> dict:
             "metrics": metrics, "series": series}  # fmt: skip
 
 
+#: The markers of the method families, one per ten (matplotlib's default cycle has ten colours).
+MARKERS = ("o", "s", "^", "D")
+
+
 def _panel(ax, pareto: dict, row: dict, key: str) -> None:
     """One metric against one row's x: a line per method family, ratios labelled, the reference a star."""
     labels = {k: (label, higher) for k, label, higher in FIDELITY}
-    for family, points in pareto["series"].items():
+    for index, (family, points) in enumerate(pareto["series"].items()):
         shown = [(x_of(p, row), p) for p in points if p.get(key) is not None and x_of(p, row)]
         if not shown:
             continue
@@ -309,7 +313,8 @@ def _panel(ax, pareto: dict, row: dict, key: str) -> None:
         if family == pareto["reference"]:
             ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label=family, zorder=3)
             continue
-        ax.plot(xs, ys, marker="o", label=family)
+        # tab10's colours, then the same colours with another marker: a family keeps its look in every panel
+        ax.plot(xs, ys, marker=MARKERS[index // 10 % len(MARKERS)], color=f"C{index % 10}", label=family)
         for x, p in shown:
             if p["label"] is not None:
                 ax.annotate(p["label"], (x, p[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)

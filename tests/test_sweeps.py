@@ -346,3 +346,18 @@ def test_pareto_data_and_plot_from_a_small_report(tmp_path):
         assert image.format == "PNG" and image.size[0] > 3 * image.size[1] / 2  # three panels side by side
     assert json.loads((tmp_path / "report.json").read_text())["pareto"]["series"]["tofu"][1]["ms_ssim"] == 0.7
     assert "(pareto.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_every_method_family_of_a_crowded_plot_looks_different():
+    """More families than matplotlib's ten default colours (the DiT front has 13): each keeps its own colour and
+    marker pair, the same in every panel, so no two lines can be taken for one another."""
+    families = [f"m{k}" for k in range(13)]
+    series = {"full": [{"name": "full", "label": None, "sec_per_image": 2.0, "ms_ssim": 1.0, "prompt_accuracy": 1.0}]}
+    for k, family in enumerate(families):
+        series[family] = [{"name": f"{family}@0.5", "label": "0.5", "sec_per_image": 1.0 + k / 20, "ms_ssim": 0.9,
+                           "prompt_accuracy": 0.9}]  # fmt: skip
+    figure = pareto_figure({"metrics": ["ms_ssim", "prompt_accuracy"], "series": series, "reference": "full"})
+    looks = [{line.get_label(): (line.get_color(), line.get_marker()) for line in ax.lines if line.get_label() in families}
+             for ax in figure.axes]  # fmt: skip
+    assert len(looks[0]) == 13 and len(set(looks[0].values())) == 13
+    assert looks[0] == looks[1]
