@@ -300,6 +300,8 @@ def pareto_data(report: dict, cost: dict | None = None) -> dict:
 
 #: The markers of the method families, one per ten (matplotlib's default cycle has ten colours).
 MARKERS = ("o", "s", "^", "D")
+#: The characters of a panel's title or axis label per line (a 4.6-inch panel at 8 points): longer ones wrap.
+PANEL_CHARS = 70
 
 
 def _panel(ax, pareto: dict, row: dict, key: str) -> None:
@@ -319,12 +321,11 @@ def _panel(ax, pareto: dict, row: dict, key: str) -> None:
             if p["label"] is not None:
                 ax.annotate(p["label"], (x, p[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     label, higher = labels[key]
-    ax.set_xlabel(row["xlabel"])
+    ax.set_xlabel(textwrap.fill(row["xlabel"], PANEL_CHARS), fontsize=8)
     ax.set_ylabel(f"{label} vs {pareto['reference']} ({'higher' if higher else 'lower'} is better)")
     if row["title"]:
-        ax.set_title(row["title"], fontsize=8)
+        ax.set_title(textwrap.fill(row["title"], PANEL_CHARS), fontsize=8)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def pareto_figure(pareto: dict, title: str = ""):
@@ -335,11 +336,18 @@ def pareto_figure(pareto: dict, title: str = ""):
     metrics = pareto["metrics"]
     rows = pareto.get("rows") or [{"x": "sec_per_image", "size": None, "title": "", "xlabel": "seconds per image"}]
     columns = max(1, len(metrics))
-    fig = Figure(figsize=(4.6 * columns, 4.2 * len(rows) + 0.4), layout="constrained")
+    fig = Figure(figsize=(4.6 * columns + 1.8, 4.2 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for row, row_axes in zip(rows, axes):
         for ax, key in zip(row_axes, metrics):
             _panel(ax, pareto, row, key)
+    # one legend for every panel, beside them, so that no panel's points hide behind it
+    legend = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8)
     if not metrics:
         axes[0][0].text(0.5, 0.5, "no fidelity metric available", ha="center", va="center", transform=axes[0][0].transAxes)
     if title:

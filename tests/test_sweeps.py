@@ -13,7 +13,7 @@ from evaluation import generate as generate_module
 from evaluation.cli import main
 from evaluation.errors import EvaluationError
 from evaluation.methods import method_applied, method_params, parse_methods, ratios_of, todo
-from evaluation.pareto import pareto_data, pareto_figure
+from evaluation.pareto import PANEL_CHARS, pareto_data, pareto_figure
 from evaluation.report import write_report
 from evaluation.tiny_random import tiny_unet, tiny_unet_inputs
 from tofu_sd import TokenFusionConfig
@@ -361,3 +361,17 @@ def test_every_method_family_of_a_crowded_plot_looks_different():
              for ax in figure.axes]  # fmt: skip
     assert len(looks[0]) == 13 and len(set(looks[0].values())) == 13
     assert looks[0] == looks[1]
+    # one legend beside the panels, each family once; none inside a panel, over its points
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["full", *families] and len(figure.legends) == 1
+    assert all(ax.get_legend() is None for ax in figure.axes)
+
+
+def test_long_panel_titles_wrap():
+    """A cost row's title holds the bench's description; at three panels per row, one line each would overlap."""
+    row = {"x": "sec_per_image", "size": None, "title": "x " * 80, "xlabel": "compute relative to full " * 5}
+    series = {"full": [{"name": "full", "label": None, "sec_per_image": 2.0, "ms_ssim": 1.0}],
+              "tofu": [{"name": "tofu@0.5", "label": "0.5", "sec_per_image": 1.0, "ms_ssim": 0.9}]}  # fmt: skip
+    figure = pareto_figure({"metrics": ["ms_ssim"], "series": series, "reference": "full", "rows": [row]})
+    ax = figure.axes[0]
+    for text in (ax.get_title(), ax.get_xlabel()):
+        assert "\n" in text and max(len(line) for line in text.splitlines()) <= PANEL_CHARS
