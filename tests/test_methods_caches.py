@@ -1,5 +1,5 @@
 """diffusers' step caches as methods of ``tofu-sd generate`` (``fbcache@T``, ``taylorseer@N``, ``taylorseer-lite@N``,
-``magcache@T``, ``pab@N``, ``fastercache``, the stacks ``<cache>+<variant>`` and ``<cache>@<value>+<variant>``), on the built-in SD3-style diffusion transformer
+``magcache@T``, ``pab@N``, ``fastercache@N``, the stacks ``<cache>+<variant>`` and ``<cache>@<value>+<variant>``), on the built-in SD3-style diffusion transformer
 (``--model tiny-sd3``, a random-weight copy: ``tests/test_tiny_sd3_runs.py``): each skips something (other images
 than the full model's, fewer blocks or attentions run), the block counts in the manifest, the stack in either
 order, the pipeline left exactly as before, and the refusals (U-Nets, bad values, the bench) before anything is
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6  #: enough for every cache to skip: TaylorSeer computes the first 3 steps, MagCache the first 20%
 GUIDANCE = 5.0  #: tiny-sd3's own: classifier-free guidance, batched (two rows per image)
 #: Each cache at a value that skips something within 6 steps of the random model.
-CACHE_METHODS = ["fbcache@0.5", "taylorseer@2", "taylorseer-lite@2", "magcache@1", "pab@2", "fastercache"]
+CACHE_METHODS = ["fbcache@0.5", "taylorseer@2", "taylorseer-lite@2", "magcache@1", "pab@2", "fastercache", "fastercache@3"]
 SKIPS_BLOCKS = ("fbcache", "taylorseer-lite", "magcache")  #: the others skip attentions (and batch rows)
 STACK = "taylorseer-lite+tofu@0.5"  #: a stack whose cache skips blocks at its default value (cache interval 5)
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
@@ -107,7 +107,12 @@ def test_each_cache_skips_something_and_the_manifest_counts_the_blocks(run):
     assert stats["fastercache"]["block_calls_per_image"] < full["block_calls_per_image"]  # unconditional rows skipped
     assert stats["pab@2"]["params"] == {"method": "pab", "skip_range": 2, "keys_removed": None}
     assert stats["magcache@1"]["params"] == {"method": "magcache", "threshold": 1.0, "steps": STEPS, "keys_removed": None}
-    assert stats["fastercache"]["params"] == {"method": "fastercache", "guidance_scale": GUIDANCE, "keys_removed": None}
+    assert stats["fastercache"]["params"] == {"method": "fastercache", "skip_range": 2, "guidance_scale": GUIDANCE, "keys_removed": None}
+    assert stats["fastercache@3"]["params"]["skip_range"] == 3
+    # below timestep 681 (4 of the 6 steps) the attentions run once every N steps: 2 skipped at N = 2, 3 at N = 3
+    per_step = full["attention_calls_per_image"] / STEPS
+    skipped = {m: full["attention_calls_per_image"] - stats[m]["attention_calls_per_image"] for m in ("fastercache", "fastercache@3")}
+    assert skipped["fastercache@3"] - skipped["fastercache"] >= per_step / 2 - 1e-9, skipped
 
 
 def test_the_stack_reduces_and_skips_as_much_as_its_cache(run):
@@ -250,14 +255,15 @@ def test_a_loaded_unet_pipeline_refuses_the_caches_too(tiny_pipe_factory):
     ("taylorseer@x", "bad method name 'taylorseer@x': taylorseer's value after '@' is its cache interval (the attentions are computed once every N steps), not a ratio; write taylorseer@<N>, an integer >= 2, e.g. taylorseer@5"),
     ("taylorseer-lite@2.5", "write taylorseer-lite@<N>, an integer >= 2"),
     ("magcache@x", "magcache's value after '@' is its threshold"),
-    ("fastercache@2", "'fastercache@2': fastercache takes no ratio (it runs at diffusers' defaults); write fastercache"),
+    ("fastercache@1", "bad method name 'fastercache@1': at 1 it would compute at every step and cache nothing (its spatial attention skip range"),
+    ("fastercache@0.5", "fastercache's value after '@' is its spatial attention skip range"),
     ("fbcache+tofu@2", "the ratio after '@' must lie in (0, 1)"),
     # a stack's cache value: the cache's own message, naming the whole name
     ("fbcache@-1+tofu-kv@0.75", "bad method name 'fbcache@-1+tofu-kv@0.75': a threshold must be a number > 0 (at -1 it never skips anything); write fbcache@<threshold>"),
     ("pab@1+tofu@0.5", "bad method name 'pab@1+tofu@0.5': at 1 it would compute at every step and cache nothing"),
     ("taylorseer-lite@2.5+tofu-M@0.5", "bad method name 'taylorseer-lite@2.5+tofu-M@0.5': taylorseer-lite's value after '@' is its cache interval"),
     ("magcache@x+tofu-kv-local@0.5", "bad method name 'magcache@x+tofu-kv-local@0.5': magcache's value after '@' is its threshold"),
-    ("fastercache@2+tofu@0.5", "bad method name 'fastercache@2+tofu@0.5': fastercache takes no value (it runs at diffusers' defaults); write fastercache+tofu@0.5"),
+    ("fastercache@1+tofu@0.5", "bad method name 'fastercache@1+tofu@0.5': at 1 it would compute at every step"),
     ("fbcache@0.2+tofu-kv@1.5", "bad method name 'fbcache@0.2+tofu-kv@1.5': the ratio after '@' must lie in (0, 1)"),
     ("fbcache@0.2+tofu-P@0.5", "unknown method(s) fbcache@0.2+tofu-P@0.5; choose from"),
 ])  # fmt: skip
@@ -277,6 +283,7 @@ def test_names_values_and_sweeps():
     assert parse_methods("fbcache,pab+tofu", [0.3, 0.5]) == ["fbcache", "pab+tofu@0.3", "pab+tofu@0.5"]
     assert method_params("fbcache", TokenFusionConfig()) == {"method": "fbcache", "threshold": 0.05, "keys_removed": None}
     assert method_params("taylorseer-lite", TokenFusionConfig()) == {"method": "taylorseer-lite", "cache_interval": 5, "keys_removed": None}
+    assert method_params("fastercache@3", TokenFusionConfig(), MORE)["skip_range"] == 3
     assert method_params("magcache+tofu@0.3", TokenFusionConfig(), MORE) == {
         "method": "magcache+tofu", "ratio": 0.3, "keys_removed": 0.3, "threshold": 0.06, "steps": STEPS
     }  # fmt: skip
@@ -308,7 +315,8 @@ def test_a_stack_gives_its_caches_value_after_the_caches_name():
 
 @pytest.mark.parametrize(("name", "value", "reduce", "matching", "letter"), [
     ("fbcache@0.3+tofu-kv@0.5", 0.3, "kv", "global", None), ("fbcache+tofu-kv@0.5", 0.05, "kv", "global", None),
-    ("pab@4+tofu-M@0.5", 4, "tokens", "global", "M"), ("fastercache+tofu-kv-local@0.5", None, "kv", "local", None),
+    ("pab@4+tofu-M@0.5", 4, "tokens", "global", "M"), ("fastercache+tofu-kv-local@0.5", 2, "kv", "local", None),
+    ("fastercache@4+tofu@0.5", 4, "tokens", "global", None),
 ])  # fmt: skip
 def test_the_stack_applies_its_cache_at_the_names_value_and_its_variant(pipe, monkeypatch, name, value, reduce, matching, letter):
     """The stack's patch hands the cache the name's value (else its default) and applies the named variant."""

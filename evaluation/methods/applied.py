@@ -31,7 +31,7 @@ def method_applied(pipe, method: str, options: TokenFusionConfig, more: MethodOp
     (or tome) on more sub-modules of each block. ``deepcache@N`` is DeepCache at interval N (3 unsuffixed); the
     ``deepcache+<tofu>`` names are that tofu variant with DeepCache around it at ``more.cache_interval``. On
     diffusion transformers, ``fbcache@T``, ``taylorseer@N``, ``taylorseer-lite@N``, ``magcache@T``, ``pab@N`` and
-    ``fastercache`` are diffusers' step caches (``magcache`` takes ``more.steps``, ``fastercache``
+    ``fastercache@N`` are diffusers' step caches (``magcache`` takes ``more.steps``, ``fastercache``
     ``more.guidance_scale``), and ``<cache>+tofu`` that cache at its default with tofu at the name's ratio
     (:mod:`.caches`). See :mod:`evaluation.methods.registry`.
     """

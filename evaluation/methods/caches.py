@@ -1,7 +1,8 @@
 """diffusers' step caches as compared methods, on diffusion transformers only, alone and stacked with Token
 Fusion: ``fbcache@T`` (First Block Cache, threshold T), ``taylorseer@N`` / ``taylorseer-lite@N`` (TaylorSeer,
 full and lite mode, cache interval N), ``magcache@T`` (MagCache, threshold T), ``pab@N`` (Pyramid Attention
-Broadcast, spatial attention computed once every N steps) and ``fastercache`` (FasterCache, diffusers' defaults),
+Broadcast, spatial attention computed once every N steps) and ``fastercache@N`` (FasterCache, spatial attention
+computed once every N steps, otherwise diffusers' defaults),
 and the stacks ``<cache>+<variant>`` of a cache and a Token Fusion variant on the same transformer (``tofu``,
 ``tofu-M``, ``tofu-kv``, ``tofu-kv-local``: :data:`evaluation.methods.registry.STACKED`): ``fbcache+tofu@0.5`` runs
 the cache at its default value, ``fbcache@0.2+tofu-kv@0.75`` at the value the name gives (checked as the cache's
@@ -42,8 +43,9 @@ pipeline call at the run's options on a fixed job (class 0, sample 0: the run's 
 guidance and steps), outside the timing; ``generate`` provides it (:func:`calibrating`). Outside ``generate``
 such a model's first call stops with a clear error.
 
-FasterCache takes diffusers' defaults (spatial attention computed every 2nd step within timesteps (-1, 681),
-the unconditional batch computed every 5th step within (-1, 641)) with ``tensor_format="BCHW"`` (images, not
+FasterCache (``fastercache@N``) computes the self-attentions once every N steps within timesteps (-1, 681) (N is
+its spatial attention skip range; 2 unsuffixed, diffusers' default); the rest is diffusers' defaults (the
+unconditional batch computed every 5th step within (-1, 641)), with ``tensor_format="BCHW"`` (images, not
 video), the default attention weight 0.5 and ``is_guidance_distilled`` where the pipeline batches no
 classifier-free guidance (Flux; ``--guidance-scale`` <= 1). SD3's ``pooled_projections`` is split with the
 batch too. Guidance-distilled, FasterCache crashes at its first step if that step's timestep lies in its spatial
@@ -194,7 +196,7 @@ def _pab(setup: Setup, skip_range: int):
     return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip_range, current_timestep_callback=setup.clock)
 
 
-def _fastercache(setup: Setup, value: None):
+def _fastercache(setup: Setup, skip_range: int):
     from diffusers.hooks import FasterCacheConfig
     from diffusers.hooks.faster_cache import _UNCOND_COND_INPUT_KWARGS_IDENTIFIERS
 
@@ -203,7 +205,8 @@ def _fastercache(setup: Setup, value: None):
     if setup.family.name == "SD3":  # its pooled text embeddings are batched [uncond, cond] too
         split += ("pooled_projections",)
     config = FasterCacheConfig(
-        current_timestep_callback=setup.clock, tensor_format="BCHW", is_guidance_distilled=distilled,
+        spatial_attention_block_skip_range=skip_range, current_timestep_callback=setup.clock, tensor_format="BCHW",
+        is_guidance_distilled=distilled,
         attention_weight_callback=lambda module: FASTER_ATTENTION_WEIGHT,
         _unconditional_conditional_input_kwargs_identifiers=list(split),
     )  # fmt: skip
@@ -279,12 +282,13 @@ CACHES = (
           "once every N steps)"), "skip_range", _pab,
           note="`pab@N`: diffusers' Pyramid Attention Broadcast: within timesteps 100-800 each self-attention is "
           "computed once every N steps and its output reused at the others."),  # fmt: skip
-    Cache("fastercache", "FasterCache (diffusers' defaults): attentions reused every other step below timestep 681, the "
-          "unconditional batch approximated 4 of 5 steps below 641", None, None, _fastercache,
-          takes=("guidance_scale",),
-          note="`fastercache`: diffusers' FasterCache at its defaults: below timestep 681 the self-attentions are "
-          "computed every other step (extrapolated in between), and below 641 the unconditional half of the batch "
-          "is approximated from the conditional one at 4 of 5 steps."),  # fmt: skip
+    Cache("fastercache", "FasterCache (diffusers): the self-attentions computed once every N steps below timestep "
+          "681 (extrapolated in between), the unconditional batch approximated 4 of 5 steps below 641 (fastercache@N; "
+          "2, diffusers' default)", Interval(2, "its spatial attention skip range (the self-attentions are computed "
+          "once every N steps below timestep 681)"), "skip_range", _fastercache, takes=("guidance_scale",),
+          note="`fastercache@N`: diffusers' FasterCache, otherwise at its defaults: below timestep 681 the "
+          "self-attentions are computed once every N steps (2 unsuffixed; extrapolated in between), and below 641 "
+          "the unconditional half of the batch is approximated from the conditional one at 4 of 5 steps."),  # fmt: skip
 )
 CACHE_NAMES = tuple(cache.name for cache in CACHES)
 
