@@ -14,11 +14,11 @@ set -euo pipefail
 OUT=${OUT:-runs/dit-front}
 RESULTS=${RESULTS:-benchmarks/results}
 TOFU="tofu@0.25,tofu@0.5,tofu-kv@0.5,tofu-kv@0.75,tofu-kv-local@0.5,tofu-kv-local@0.75"
-CACHES="fbcache@0.15,fbcache@0.2,fbcache@0.3,magcache@0.03,magcache@0.06,taylorseer-lite@2,taylorseer-lite@3,taylorseer@2,taylorseer@3,pab@2,pab@3,fastercache,fastercache@3"
+CACHES="fbcache@0.15,fbcache@0.2,fbcache@0.3,magcache@0.03,magcache@0.06,taylorseer-lite@2,taylorseer-lite@3,pab@2,pab@3,fastercache,fastercache@3"
 STACKS=${STACKS:-"fbcache@0.2+tofu-kv@0.75,magcache@0.06+tofu-kv@0.75,taylorseer-lite@2+tofu-kv@0.75"}
 # The equal-cost pairs of the report: kv against tokens, Token Fusion against the caches nearest its cost, each
 # stack against its cache alone at a higher cost.
-PAIRS="tofu-kv@0.5:tofu@0.25,tofu-kv@0.75:tofu@0.5,tofu-kv@0.75:fastercache,tofu-kv@0.5:pab@3,fbcache@0.2+tofu-kv@0.75:fbcache@0.3,magcache@0.06+tofu-kv@0.75:magcache@0.06,taylorseer-lite@2+tofu-kv@0.75:taylorseer-lite@3"
+PAIRS="tofu-kv@0.5:tofu@0.25,tofu-kv@0.75:tofu@0.5,tofu-kv@0.75:fastercache,tofu-kv@0.75:fastercache@3,tofu-kv@0.5:pab@3,fbcache@0.2+tofu-kv@0.75:fbcache@0.3,magcache@0.06+tofu-kv@0.75:magcache@0.06,taylorseer-lite@2+tofu-kv@0.75:taylorseer-lite@3"
 VARIANTS="full,tofu@0.25,tofu@0.5,tofu-kv@0.5,tofu-kv@0.75,tofu-kv-local@0.5,tofu-kv-local@0.75,oracle"
 
 generate() {
